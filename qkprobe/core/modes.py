@@ -1,0 +1,157 @@
+"""Singular modes of one attention layer's query-key interaction, by the low-rank route.
+
+For head h the attention logit between token i (query side) and token j (key side) is
+
+    scale * q_i · k_j,   q = W_q x + b_q,   k = W_k x' + b_k,
+
+with ``W_q`` (R, D) and ``W_k`` (R, D') (R = head_dim; D' = D for self-attention). The bilinear
+part ``x_iᵀ W_qᵀ W_k x_j`` has rank ≤ R. Its SVD ``W_qᵀ W_k = U S Vᵀ`` is computed without the
+D × D' matrix:
+
+    W_qᵀ = Q_q R_q,  W_kᵀ = Q_k R_k        (reduced QR, Q: (D, R), R: (R, R))
+    W_qᵀ W_k = Q_q (R_q R_kᵀ) Q_kᵀ,  R_q R_kᵀ = U_c S V_cᵀ   (SVD of the R × R core)
+    U = Q_q U_c,  V = Q_k V_c.
+
+Mode coordinates from the captured q and k (one R × R matrix per head and side):
+
+    a_r = q · (W_k v_r) / s_r = u_r · x + α_r,   α_r = b_q · (W_k v_r) / s_r
+    b_r = k · (W_q u_r) / s_r = v_r · x' + β_r,  β_r = b_k · (W_q u_r) / s_r
+
+and, exactly, ``Σ_r s_r a_r b_r = q · k`` (``W_k V S⁻¹ Uᵀ W_qᵀ = I_R`` when W_q, W_k have full
+rank R). The offsets α, β carry the biases: α_r s_r b_r holds the key-dependent bias term
+``b_qᵀ W_k x'`` (it changes attention); β only adds terms constant over keys for a given query
+(softmax ignores them) and the constant ``b_qᵀ b_k``.
+
+Everything here is plain tensor math; nothing knows about model libraries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class QKModes:
+    """The modes of all heads of one layer (float64 unless stated).
+
+    Shapes: H heads, R = head_dim, M = number of modes (= R when W_q, W_k have full rank),
+    D query-side model width, Dk key-side width.
+
+    Attributes:
+        U: (H, D, M) query-side singular vectors u_r (columns).
+        S: (H, M) singular values, descending.
+        V: (H, Dk, M) key-side singular vectors v_r.
+        cosine: (H, M) u_r · v_r, or None when D != Dk (cross-attention with another width).
+        coord_q: (H, R, M) maps q (bias included) to query coordinates: a = q @ coord_q.
+        coord_k: (H, R, M) maps k to key coordinates: b = k @ coord_k.
+        a_offset: (H, M) α_r: a_r − u_r·x, from the query bias.
+        b_offset: (H, M) β_r: b_r − v_r·x', from the key bias.
+        key_bias_term: (H, Dk) b_qᵀ W_k, the bias term that depends on the key token.
+    """
+
+    U: Tensor
+    S: Tensor
+    V: Tensor
+    cosine: Optional[Tensor]
+    coord_q: Tensor
+    coord_k: Tensor
+    a_offset: Tensor
+    b_offset: Tensor
+    key_bias_term: Tensor
+
+
+def _canonical_signs(U: Tensor, V: Tensor, *rest: Tensor):
+    """Flip (u_r, v_r) pairs together so that u_r's largest-magnitude entry is positive.
+
+    The SVD leaves each pair's sign free; fixing it makes results reproducible across runs,
+    devices and solvers. Flipping both keeps s_r u_r v_rᵀ unchanged. ``rest`` are tensors whose
+    last axis is the mode axis and flip with u_r (coordinates and offsets of the query side and of
+    the key side flip the same way).
+    """
+    idx = U.abs().argmax(dim=-2, keepdim=True)  # (H, 1, M)
+    sign = torch.sign(torch.gather(U, -2, idx))  # (H, 1, M)
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (U * sign, V * sign) + tuple(t * sign.squeeze(-2).unsqueeze(-2) if t.dim() == 3
+                                        else t * sign.squeeze(-2) for t in rest)
+
+
+def qk_modes(
+    W_q: Tensor,
+    W_k: Tensor,
+    b_q: Optional[Tensor] = None,
+    b_k: Optional[Tensor] = None,
+    rtol: float = 1e-10,
+) -> QKModes:
+    """Modes of ``W_q,hᵀ W_k,h`` for every head, in float64, never forming the D × Dk matrix.
+
+    Args:
+        W_q: (H, R, D) query weights per head.
+        W_k: (H, R, Dk) key weights per head.
+        b_q, b_k: (H, R) biases, or None (zero).
+        rtol: modes with s_r ≤ rtol · s_max get zero coordinate columns (rank-deficient heads;
+            they add nothing to q·k).
+    """
+    if W_q.dim() != 3 or W_k.dim() != 3 or W_q.shape[:2] != W_k.shape[:2]:
+        raise ValueError(f"W_q and W_k must be (H, R, D) with the same H and R, got "
+                         f"{tuple(W_q.shape)} and {tuple(W_k.shape)}")
+    H, R, D = W_q.shape
+    Dk = W_k.shape[-1]
+    W_q = W_q.detach().to(torch.float64)
+    W_k = W_k.detach().to(torch.float64)
+    b_q = torch.zeros(H, R, dtype=torch.float64, device=W_q.device) if b_q is None \
+        else b_q.detach().to(torch.float64).reshape(H, R)
+    b_k = torch.zeros(H, R, dtype=torch.float64, device=W_q.device) if b_k is None \
+        else b_k.detach().to(torch.float64).reshape(H, R)
+
+    Q_q, R_q = torch.linalg.qr(W_q.transpose(-1, -2))  # (H, D, m), (H, m, R)
+    Q_k, R_k = torch.linalg.qr(W_k.transpose(-1, -2))  # (H, Dk, m'), (H, m', R)
+    core = R_q @ R_k.transpose(-1, -2)  # (H, m, m')
+    U_c, S, V_ch = torch.linalg.svd(core, full_matrices=False)
+    U = Q_q @ U_c  # (H, D, M)
+    V = Q_k @ V_ch.transpose(-1, -2)  # (H, Dk, M)
+
+    keep = S > rtol * S[:, :1].clamp_min(torch.finfo(S.dtype).tiny)
+    inv_s = torch.where(keep, 1.0 / S.where(keep, torch.ones_like(S)), torch.zeros_like(S))
+    coord_q = (W_k @ V) * inv_s.unsqueeze(-2)  # (H, R, M): columns W_k v_r / s_r
+    coord_k = (W_q @ U) * inv_s.unsqueeze(-2)  # (H, R, M): columns W_q u_r / s_r
+    a_off = torch.einsum("hr,hrm->hm", b_q, coord_q)
+    b_off = torch.einsum("hr,hrm->hm", b_k, coord_k)
+    U, V, coord_q, coord_k, a_off, b_off = _canonical_signs(U, V, coord_q, coord_k, a_off, b_off)
+    cosine = (U * V).sum(dim=-2) if D == Dk else None
+    key_bias_term = torch.einsum("hr,hrd->hd", b_q, W_k)
+    return QKModes(U=U, S=S, V=V, cosine=cosine, coord_q=coord_q, coord_k=coord_k,
+                   a_offset=a_off, b_offset=b_off, key_bias_term=key_bias_term)
+
+
+def full_svd_modes(W_q: Tensor, W_k: Tensor):
+    """Reference: SVD of the full D × Dk matrix ``W_qᵀ W_k`` per head, top R modes, float64.
+
+    Slow (O(D³) per head); used by tests and ``benchmarks/bases_speed.py`` only.
+    Returns (U (H, D, R), S (H, R), V (H, Dk, R)) with the same sign convention as ``qk_modes``.
+    """
+    R = W_q.shape[1]
+    M = W_q.detach().to(torch.float64).transpose(-1, -2) @ W_k.detach().to(torch.float64)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    U, S, V = U[..., :R], S[..., :R], Vh[..., :R, :].transpose(-1, -2)
+    U, V = _canonical_signs(U, V)
+    return U, S, V
+
+
+def fold_affine_norm(W: Tensor, b: Optional[Tensor], gamma: Optional[Tensor], beta: Optional[Tensor]):
+    """Fold a norm's affine map x = γ ⊙ x̂ + β into a projection ``W x + b``.
+
+    W (H, R, D), b (H, R) or None, γ and β (D,) or None. Returns (W', b') with
+    ``W' x̂ + b' = W (γ ⊙ x̂ + β) + b``: W' = W diag(γ), b' = b + W β.
+    """
+    W = W.to(torch.float64)
+    b = torch.zeros(W.shape[:2], dtype=torch.float64, device=W.device) if b is None else b.to(torch.float64)
+    if beta is not None:
+        b = b + W @ beta.detach().to(torch.float64)
+    if gamma is not None:
+        W = W * gamma.detach().to(torch.float64)
+    return W, b

@@ -1,0 +1,33 @@
+"""Errors qkprobe raises for bad input.
+
+Every message is one sentence that says what is wrong and what to do. The CLI prints
+``str(error)`` and exits non-zero (no traceback unless ``--debug``).
+"""
+
+
+class QKProbeError(Exception):
+    """Base class of every error meant for the user (clear message, no traceback)."""
+
+
+class UnknownModelSpec(QKProbeError):
+    """A model spec that names no known library or model."""
+
+
+class WeightsError(QKProbeError):
+    """Pretrained weights that cannot be fetched, or a weights file that does not fit the model."""
+
+
+class UnsupportedAttention(QKProbeError):
+    """An attention module no adapter knows (see ``qkprobe.register_attention``)."""
+
+
+class NoAttention(QKProbeError):
+    """A model with no attention module qkprobe can find."""
+
+
+class ShapeError(QKProbeError):
+    """Tensors of the wrong shape."""
+
+
+class RunFileError(QKProbeError):
+    """A run file that cannot be read, resumed or written."""
