@@ -1,0 +1,1 @@
+"""Hugging Face transformers attention (placeholder until the HF adapter lands)."""

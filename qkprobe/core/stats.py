@@ -1,0 +1,184 @@
+"""Per-sample, per-mode statistics of one attention layer.
+
+Inputs are the mode coordinates of :mod:`qkprobe.core.modes`: for one layer, query-side
+coordinates ``a`` (B, H, N, R) and key-side coordinates ``b`` (B, H, Nk, R) with
+
+    Σ_r S[h, r] a_ir b_jr = q_i · k_j,      logits_ij = scale · q_i · k_j (+ attn_bias_ij).
+
+For every sample, head h and mode r, :func:`mode_statistics` returns the statistics named in
+:data:`STAT_NAMES` (last axis of the result):
+
+- ``q_mean, q_max, q_min``: mean / max / min of a_r over the map tokens (the first
+  ``prefix_tokens`` tokens, cls and registers, are left out unless ``include_prefix``);
+- ``q_top_pos, q_top_neg``: mean of the ``topk`` largest / smallest a_r (topk clipped to the
+  number of map tokens);
+- ``k_*``: the same for b_r;
+- ``score_pos = max(a_r) · max(b_r)``, ``score_neg = min(a_r) · min(b_r)``: the paper's score of
+  a sample for the mode, for each sign of the (arbitrary) singular-vector pair;
+- ``attn_contrib``: with the head's attention probabilities P (B, H, N, Nk) over all tokens
+  (prefix included) and the mode's share of the logits ℓ^r_ij = scale · S_r a_ir b_jr,
+
+      attn_contrib_r = mean_i [ Σ_j P_ij ℓ^r_ij − mean_j ℓ^r_ij ]
+                     = scale · S_r · mean_i a_ir ((P b)_ir − mean_j b_jr),
+
+  how much mode r lifts the attended keys above the average key. Terms constant over keys drop
+  out. Σ_r attn_contrib_r = mean_i (E_P[ℓ_i] − mean_j ℓ_ij) ≥ 0 when P = softmax(ℓ + c_i);
+- ``attn_share = attn_contrib_r / Σ_r' attn_contrib_r'`` (0 where the sum is 0). Single modes can
+  contribute negatively, so shares may lie outside [0, 1]; they sum to 1.
+
+Everything is vectorized over samples, heads and modes; no N × N tensor per mode is formed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ShapeError
+
+Tensor = torch.Tensor
+
+STAT_NAMES = (
+    "q_mean", "q_max", "q_min", "q_top_pos", "q_top_neg",
+    "k_mean", "k_max", "k_min", "k_top_pos", "k_top_neg",
+    "score_pos", "score_neg", "attn_contrib", "attn_share",
+)
+STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
+
+
+def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """float64 if any given tensor is float64, else float32 (bf16/fp16/float32 are upcast)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) \
+        else torch.float32
+
+
+def _topk_means(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Means of the ``k`` largest and of the ``k`` smallest entries along the last axis.
+
+    x: (..., N), contiguous in the last axis; 1 ≤ k ≤ N. Returns two tensors of shape (...).
+    One place to swap in a faster (fused / selection) kernel later.
+    """
+    top = torch.topk(x, k, dim=-1, largest=True, sorted=False).values
+    bot = torch.topk(x, k, dim=-1, largest=False, sorted=False).values
+    return top.mean(dim=-1), bot.mean(dim=-1)
+
+
+def _map_stats(x: Tensor, topk: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(mean, max, min, top_pos, top_neg) over the last axis of x (B, H, R, N), each (B, H, R)."""
+    lo, hi = torch.aminmax(x, dim=-1)
+    top_pos, top_neg = _topk_means(x, min(topk, x.shape[-1]))
+    return x.mean(dim=-1), hi, lo, top_pos, top_neg
+
+
+def _attended_keys(a: Tensor, b: Tensor, S: Tensor, scale: float, probs: Optional[Tensor],
+                   q: Optional[Tensor], k: Optional[Tensor], attn_bias: Optional[Tensor]) -> Tensor:
+    """P b: (B, H, N, R), the attention-weighted key coordinates of every query token.
+
+    With ``probs`` given, a plain matmul. Otherwise P = softmax(scale · q kᵀ + attn_bias), from
+    q, k or from the reconstruction q kᵀ = (a · S) bᵀ, and P b is one attention call with b as
+    the values (fused kernels where available; P is never stored).
+    """
+    dt = a.dtype
+    if probs is not None:
+        if probs.shape[-2:] != (a.shape[-2], b.shape[-2]):
+            raise ShapeError(f"probs must be (B, H, {a.shape[-2]}, {b.shape[-2]}), "
+                             f"got {tuple(probs.shape)}; pass the attention of the same tokens.")
+        return probs.to(dt) @ b
+    if (q is None) != (k is None):
+        raise ShapeError("q and k must be given together (or neither, to use the reconstruction).")
+    if q is None:
+        qq, kk = a * S.to(dt).unsqueeze(-2), b  # (a S) bᵀ = q kᵀ
+    else:
+        qq, kk = q.to(dt), k.to(dt)
+        if qq.shape[:2] != a.shape[:2] or qq.shape[-2] != a.shape[-2] or kk.shape[-2] != b.shape[-2] \
+                or qq.shape[-1] != kk.shape[-1]:
+            raise ShapeError(f"q {tuple(qq.shape)} and k {tuple(kk.shape)} must be (B, H, N, R) and "
+                             f"(B, H, Nk, R) for the same tokens as a {tuple(a.shape)}, b {tuple(b.shape)}.")
+    mask = attn_bias
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(dt)
+    return F.scaled_dot_product_attention(qq, kk, b, attn_mask=mask, scale=float(scale))
+
+
+def mode_statistics(
+    a: Tensor,
+    b: Tensor,
+    S: Tensor,
+    scale: Union[float, Tensor],
+    *,
+    prefix_tokens: int = 0,
+    include_prefix: bool = False,
+    topk: int = 5,
+    probs: Optional[Tensor] = None,
+    q: Optional[Tensor] = None,
+    k: Optional[Tensor] = None,
+    attn_bias: Optional[Tensor] = None,
+) -> Tensor:
+    """Statistics of every mode of every head for every sample (see the module docstring).
+
+    Args:
+        a: (B, H, N, R) query-side mode coordinates of all tokens (prefix included).
+        b: (B, H, Nk, R) key-side mode coordinates.
+        S: (H, R) singular values.
+        scale: the logit scale (usually head_dim ** -0.5).
+        prefix_tokens: leading tokens (cls, registers) left out of the map statistics (q_*, k_*,
+            score_*); applied to both sides. The attention statistics always use all tokens.
+        include_prefix: keep the prefix tokens in the map statistics too.
+        topk: how many extreme tokens q_top_pos / q_top_neg (and k_*) average; clipped to the
+            number of map tokens.
+        probs: (B, H, N, Nk) the head's attention probabilities, if known (the exact route when
+            the logits are not scale · q·k: qk-norm, rotary embeddings, ...).
+        q, k: (B, H, N, R'), (B, H, Nk, R') to recompute P = softmax(scale · q kᵀ + attn_bias)
+            when ``probs`` is None. With neither, q kᵀ is rebuilt as Σ_r S_r a_r b_rᵀ.
+        attn_bias: added to the logits (float, broadcastable to (B, H, N, Nk)) or a boolean mask
+            (True = may attend), as in ``scaled_dot_product_attention``. Ignored with ``probs``.
+
+    Returns:
+        (B, H, R, len(STAT_NAMES)) in the compute dtype: float32 (bf16/fp16/float32 inputs are
+        upcast), float64 when ``a`` or ``b`` is float64.
+    """
+    if a.dim() != 4 or b.dim() != 4 or a.shape[:2] != b.shape[:2] or a.shape[-1] != b.shape[-1]:
+        raise ShapeError(f"a and b must be (B, H, N, R) and (B, H, Nk, R), got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}.")
+    B, H, N, R = a.shape
+    if tuple(S.shape) != (H, R):
+        raise ShapeError(f"S must be (H, R) = ({H}, {R}), got {tuple(S.shape)}.")
+    if topk < 1:
+        raise ValueError(f"topk must be at least 1, got {topk}.")
+    p = 0 if include_prefix else int(prefix_tokens)
+    if p < 0 or p >= N or p >= b.shape[-2]:
+        raise ShapeError(f"prefix_tokens={prefix_tokens} leaves no map tokens out of N={N}, "
+                         f"Nk={b.shape[-2]}; lower it or pass include_prefix=True.")
+
+    dt = compute_dtype(a, b)
+    a = a.detach().to(dt)
+    b = b.detach().to(dt)
+    S = S.detach().to(device=a.device, dtype=dt)
+
+    # One transpose so every token reduction runs over a contiguous last axis.
+    at = a[:, :, p:, :].transpose(-1, -2).contiguous()  # (B, H, R, N - p)
+    bt = b[:, :, p:, :].transpose(-1, -2).contiguous()  # (B, H, R, Nk - p)
+    q_stats = _map_stats(at, topk)
+    k_stats = _map_stats(bt, topk)
+    score_pos = q_stats[1] * k_stats[1]
+    score_neg = q_stats[2] * k_stats[2]
+
+    pb = _attended_keys(a, b, S, scale, probs, q, k, attn_bias)  # (B, H, N, R)
+    lift = a * (pb - b.mean(dim=-2, keepdim=True))  # a_ir ((P b)_ir − mean_j b_jr)
+    contrib = lift.mean(dim=-2) * S * float(scale)  # (B, H, R)
+    total = contrib.sum(dim=-1, keepdim=True)
+    nonzero = total == total
+    share = torch.where(nonzero, contrib / torch.where(nonzero, total, torch.ones_like(total)),
+                        torch.zeros_like(contrib))
+
+    return torch.stack((*q_stats, *k_stats, score_pos, score_neg, contrib, share), dim=-1)
+
+
+def count_nonfinite(a: Tensor, b: Optional[Tensor] = None) -> int:
+    """Number of NaN / ±Inf entries in ``a`` and ``b`` together (one device sync)."""
+    n = (~torch.isfinite(a)).sum()
+    if b is not None:
+        n = n + (~torch.isfinite(b)).sum().to(n.device)
+    return int(n)
