@@ -169,7 +169,7 @@ def mode_statistics(
     lift = a * (pb - b.mean(dim=-2, keepdim=True))  # a_ir ((P b)_ir − mean_j b_jr)
     contrib = lift.mean(dim=-2) * S * float(scale)  # (B, H, R)
     total = contrib.sum(dim=-1, keepdim=True)
-    nonzero = total == total
+    nonzero = total != 0
     share = torch.where(nonzero, contrib / torch.where(nonzero, total, torch.ones_like(total)),
                         torch.zeros_like(contrib))
 
