@@ -91,7 +91,7 @@ def _weights_of(site: AttentionSite, fold_ln: bool) -> Tuple[QKWeights, bool, Tu
     notes = tuple(w.notes)
     if not fold_ln:
         return w, False, notes
-    norm = site.adapter.input_norm(site.module, site.parent)
+    norm = site.adapter.input_norm(site.module, site.parent, ancestors=site.ancestors)
     if norm is None:
         return w, False, notes + ("fold_ln: no LayerNorm feeds this module directly (post-norm?); not folded",)
     gamma, beta = getattr(norm, "weight", None), getattr(norm, "bias", None)

@@ -78,8 +78,11 @@ class AttentionAdapter:
         """Install hooks; return their handles (each with ``.remove()``)."""
         raise NotImplementedError
 
-    def input_norm(self, module: nn.Module, parent: Optional[nn.Module]) -> Optional[nn.Module]:
+    def input_norm(self, module: nn.Module, parent: Optional[nn.Module],
+                   ancestors: Sequence[nn.Module] = ()) -> Optional[nn.Module]:
         """The affine norm whose output is this module's input, or None (then fold_ln is a no-op).
+
+        ``ancestors``: the modules above the parent, nearest first (for wrapped attention).
 
         Default: the first LayerNorm-like child of the parent registered before the module
         (timm ``Block.norm1``, open_clip ``ln_1``, torchvision ``ln_1``, HF ``layernorm_before``).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,6 +22,7 @@ class AttentionSite:
     module: nn.Module
     adapter: AttentionAdapter
     parent: Optional[nn.Module]
+    ancestors: Tuple[nn.Module, ...] = ()  # above the parent, nearest first
 
 
 def find_attention(model: nn.Module, strict: bool = False) -> List[AttentionSite]:
@@ -44,8 +45,9 @@ def find_attention(model: nn.Module, strict: bool = False) -> List[AttentionSite
             continue
         adapter = adapter_for(module)
         if adapter is not None:
-            parent = parents.get(id(module), (None, name))[0]
-            sites.append(AttentionSite(name or "<root>", module, adapter, parent))
+            chain = _ancestors(module, parents)
+            sites.append(AttentionSite(name or "<root>", module, adapter, chain[0] if chain else None,
+                                       tuple(chain[1:])))
             matched_prefixes.append(name)
         elif looks_like_attention(module):
             unknown.append(name)
@@ -64,6 +66,15 @@ def find_attention(model: nn.Module, strict: bool = False) -> List[AttentionSite
         raise NoAttention(f"Found no attention module in {type(model).__name__}; pass a transformer, "
                           f"or register its attention class with qkprobe.register_attention.")
     return sites
+
+
+def _ancestors(module: nn.Module, parents) -> List[nn.Module]:
+    """Parent, grandparent, ... of ``module`` (nearest first)."""
+    chain = []
+    while id(module) in parents:
+        module = parents[id(module)][0]
+        chain.append(module)
+    return chain
 
 
 _CLS_ATTRS = ("cls_token", "class_token", "class_embedding")

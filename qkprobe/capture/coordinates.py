@@ -61,6 +61,23 @@ def coordinates_from_qk(q: Tensor, k: Tensor, bases: LayerBases, dtype: torch.dt
     return q.to(dtype) @ cq, k.to(dtype) @ ck
 
 
+def _merge_info(infos: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One ``info`` for several calls of a module: extras united; tensors of all calls
+    concatenated along the batch axis where they have one, else the first call's (shared
+    tables such as a rel-pos bias), and every call's dict kept in ``info["calls"]``."""
+    if len(infos) == 1:
+        return dict(infos[0])
+    out: Dict[str, Any] = {"extras": set().union(*(i.get("extras", set()) for i in infos)), "calls": infos}
+    for key in {k for i in infos for k in i} - {"extras"}:
+        vals = [i.get(key) for i in infos]
+        if all(isinstance(v, torch.Tensor) and v.dim() == 4 for v in vals) and \
+                len({v.shape[1:] for v in vals}) == 1 and any(v.shape[0] > 1 for v in vals):
+            out[key] = torch.cat(vals)
+        else:
+            out[key] = vals[0]
+    return out
+
+
 @contextmanager
 def capture_qk(sites: Sequence[AttentionSite], on_qk: Callable[[int, Tensor, Tensor, Dict[str, Any]], None]):
     """Hooks on every site calling ``on_qk(layer_index, q, k, info)`` (detached tensors) during
@@ -110,7 +127,7 @@ def mode_coordinates(model: nn.Module, *args, bases: Optional[List[LayerBases]] 
         parts = [coordinates_from_qk(q, k, lb, dtype) for q, k, _ in calls]
         a = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
         b = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        info = dict(calls[0][2])
+        info = _merge_info([c[2] for c in calls])
         extras = set(lb.extras) | set(info.pop("extras", set()))
         out.append(ModeCoordinates(name=site.name, a=a, b=b, S=lb.S.to(dtype), scale=lb.scale,
                                    prefix_tokens=lb.prefix_tokens, extras=frozenset(extras), info=info))
