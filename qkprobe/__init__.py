@@ -10,3 +10,5 @@ from .adapters.base import AttentionAdapter, QKWeights, register_attention, unre
 from .bases import LayerBases, compute_bases  # noqa: F401
 from .capture.coordinates import ModeCoordinates, mode_coordinates  # noqa: F401
 from .errors import QKProbeError  # noqa: F401
+from .capture.probe import Probe, ProbeOptions, attach  # noqa: F401
+from .sinks.run_file import open_run  # noqa: F401

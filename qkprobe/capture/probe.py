@@ -1,0 +1,298 @@
+"""``qkprobe.attach``: record per-mode statistics of every forward pass of an unchanged model.
+
+    with qkprobe.attach(model, out="run.h5") as probe:
+        for images, paths in loader:
+            probe.set_ids(paths)        # optional; default ids are running sample numbers
+            model(images)
+
+For each recorded forward and each attention layer: the layer's q and k are captured by the
+adapter's hooks (read-only, detached, under no_grad), turned into mode coordinates a (B, H, N, R)
+and b (B, H, Nk, R) by one R × R matrix per head, and reduced on the model's device to
+statistics (B, H, R, S) (:data:`qkprobe.core.stats.STAT_NAMES`). Per batch, the probe updates a
+streaming top-k of optimal samples per (layer, head, mode, sign) and exactly mergeable
+aggregates, and hands rows and state to a background HDF5 writer.
+
+The model's outputs and gradients are unchanged; ``close()`` removes every hook.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..adapters.discover import AttentionSite, find_attention, prefix_tokens
+from ..bases import LayerBases, layer_bases
+from ..core.stats import STAT_INDEX, STAT_NAMES, count_nonfinite, mode_statistics
+from ..core.streaming import Aggregates, TopKSamples
+from .coordinates import capture_qk, coordinates_from_qk
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ProbeOptions:
+    """What a probe records. Stored in the run file; ``--resume`` requires them unchanged.
+
+    layers: indices or module names of the attention layers to record (None: all).
+    heads: head indices to record in every layer (None: all).
+    topk: k of the top-k-mean statistics. top_samples: optimal samples kept per
+    (layer, head, mode, sign). include_prefix: prefix tokens (cls, registers) in the maps.
+    every: record every N-th forward. per_sample: store per-sample rows (else only aggregates
+    and top-k). store_dtype: dtype of stored rows. compression: HDF5 filter.
+    """
+
+    layers: Optional[List[Union[int, str]]] = None
+    heads: Optional[List[int]] = None
+    topk: int = 5
+    top_samples: int = 16
+    include_prefix: bool = False
+    every: int = 1
+    per_sample: bool = True
+    store_dtype: str = "float32"
+    compression: Optional[str] = "blosc-zstd"
+
+    def record(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Layer:
+    site: AttentionSite
+    bases: LayerBases
+    heads: Optional[Tensor]
+    topk: TopKSamples
+    agg: Aggregates
+    nonfinite: int = 0
+    pending: List[Tensor] = field(default_factory=list)
+
+
+class Probe:
+    """A recording attached to a model (see module docstring). Use :func:`attach` to make one."""
+
+    def __init__(self, model: nn.Module, out: Optional[str] = None, *, options: Optional[ProbeOptions] = None,
+                 bases: Optional[List[LayerBases]] = None, metadata: Optional[Dict[str, Any]] = None,
+                 resume: bool = False, **option_kwargs):
+        self.model = model
+        self.options = options or ProbeOptions(**option_kwargs)
+        if self.options.every < 1:
+            raise ValueError("every must be ≥ 1")
+        sites = find_attention(model)
+        n_prefix = prefix_tokens(model)
+        by_name = {b.name: b for b in bases} if bases is not None else {}
+        chosen = self._select(sites, self.options.layers)
+        self.layers: List[_Layer] = []
+        device = _model_device(model)
+        for site in chosen:
+            lb = by_name.get(site.name) or layer_bases(site, model, n_prefix=n_prefix)
+            H = lb.num_heads
+            heads = None if self.options.heads is None else torch.as_tensor(self.options.heads, dtype=torch.long)
+            if heads is not None and (heads.min() < 0 or heads.max() >= H):
+                raise ValueError(f"heads {self.options.heads} out of range for {site.name} with {H} heads")
+            nh = H if heads is None else len(heads)
+            self.layers.append(_Layer(site, lb, heads, TopKSamples(nh, lb.num_modes, self.options.top_samples, device),
+                                      Aggregates((nh, lb.num_modes, len(STAT_NAMES)), device)))
+        self.stat_names = list(STAT_NAMES)
+        self._forwards = 0
+        self._recording = False
+        self._ids: Optional[List[str]] = None
+        self._step = -1
+        self.samples = 0
+        self.writer = None
+        if out is not None:
+            self.writer = self._open_writer(out, metadata or {}, resume)
+            if resume:
+                self._load_state()
+        self._batch: Optional[int] = None
+        self._handles = [model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
+                         model.register_forward_hook(self._on_forward_end)]
+        self._capture = capture_qk([l.site for l in self.layers], self._on_qk)
+        self._capture.__enter__()
+        self.closed = False
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _select(sites: List[AttentionSite], layers) -> List[AttentionSite]:
+        if layers is None:
+            return sites
+        out = []
+        for key in layers:
+            if isinstance(key, int):
+                out.append(sites[key])
+            else:
+                match = [s for s in sites if s.name == key]
+                if not match:
+                    raise ValueError(f"no attention layer named {key!r}; layers are {[s.name for s in sites]}")
+                out.append(match[0])
+        return out
+
+    def _open_writer(self, out: str, metadata: Dict[str, Any], resume: bool):
+        from ..metadata import versions
+        from ..sinks.bases_file import bases_arrays, bases_attrs
+        from ..sinks.hdf5_writer import LayerSpec, RunWriter
+        specs = []
+        for l in self.layers:
+            nh, R = l.topk.shape
+            snap = {f"topk_{k}": (v.shape, v.dtype) for k, v in l.topk.state_dict().items()}
+            snap.update({f"agg_{k}": (v.shape, v.dtype) for k, v in l.agg.state_dict().items()})
+            snap["nonfinite_values"] = ((), np.dtype(np.int64))
+            attrs = {k: v for k, v in bases_attrs(l.bases).items() if k != "name"}
+            attrs["heads"] = json.dumps(None if l.heads is None else l.heads.tolist())
+            specs.append(LayerSpec(name=l.site.name, num_heads=nh, num_modes=R, snapshot=snap,
+                                   bases=bases_arrays(l.bases), attrs=attrs))
+        meta = dict(metadata)
+        meta.setdefault("versions", versions())
+        meta["options"] = self.options.record()
+        return RunWriter(out, specs, self.stat_names, meta, per_sample=self.options.per_sample,
+                         store_dtype=self.options.store_dtype, compression=self.options.compression,
+                         resume=resume)
+
+    def _load_state(self) -> None:
+        """Resume: continue top-k, aggregates and the sample counter from the committed file."""
+        from ..sinks.run_file import open_run
+        with open_run(self.writer.path) as run:
+            self.samples = len(run)
+            for i, l in enumerate(self.layers):
+                snap = {k: run.snapshot(i, k) for k in run.snapshot_names(i)}
+                l.topk.load_state_dict({k[5:]: v for k, v in snap.items() if k.startswith("topk_")})
+                l.agg.load_state_dict({k[4:]: v for k, v in snap.items() if k.startswith("agg_")})
+                l.nonfinite = int(snap.get("nonfinite_values", 0))
+
+    # ------------------------------------------------------------------ user API
+    def set_ids(self, ids: Sequence) -> None:
+        """Sample ids for the next recorded forward (one per batch element)."""
+        self._ids = [str(i) for i in ids]
+
+    def step(self, global_step: int) -> None:
+        """The training step stored with the rows of the following forwards."""
+        self._step = int(global_step)
+
+    def skip(self, sample_id: str, reason: str) -> None:
+        """Record an input that could not be used (unreadable image, ...)."""
+        if self.writer is not None:
+            self.writer.write([], None, skipped=[(str(sample_id), str(reason))])
+
+    def bases(self) -> List[LayerBases]:
+        return [l.bases for l in self.layers]
+
+    def top_samples(self, layer: int) -> Dict[str, np.ndarray]:
+        """Current top-k state of a layer: scores and global sample indices, (H, R, 2, K)."""
+        return self.layers[layer].topk.state_dict()
+
+    def aggregates(self, layer: int) -> Aggregates:
+        return self.layers[layer].agg
+
+    # ------------------------------------------------------------------ hooks
+    def _on_forward_start(self, module, args, kwargs):
+        self._recording = (self._forwards % self.options.every) == 0
+        self._forwards += 1
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+        self._batch = None if first is None or first.dim() == 0 else int(first.shape[0])
+
+    def _on_qk(self, i: int, q: Tensor, k: Tensor, info: Dict[str, Any]) -> None:
+        if not self._recording:
+            return
+        l = self.layers[i]
+        with torch.no_grad():
+            a, b = coordinates_from_qk(q, k, l.bases, dtype=torch.float32)
+            S = l.bases.S.to(a.device, torch.float32)
+            bias = info.get("rel_pos_bias")
+            st = mode_statistics(a, b, S, l.bases.scale, prefix_tokens=l.bases.prefix_tokens or 0,
+                                 include_prefix=self.options.include_prefix, topk=self.options.topk,
+                                 q=q.float(), k=k.float(),
+                                 attn_bias=None if bias is None else bias.float())
+            if l.heads is not None:
+                st = st.index_select(1, l.heads.to(st.device))
+            l.nonfinite += count_nonfinite(a, b)
+            l.pending.append(st.float())
+
+    def _on_forward_end(self, module, args, output):
+        if not self._recording:
+            return
+        self._recording = False
+        with torch.no_grad():
+            self._finish_batch()
+
+    def _finish_batch(self) -> None:
+        if not any(l.pending for l in self.layers):
+            return
+        B = next(l.pending[0].shape[0] for l in self.layers if l.pending)
+        if self._batch and B != self._batch and B % self._batch == 0:
+            B = self._batch  # windowed attention sees B · windows rows
+        ids = self._ids if self._ids is not None else [str(self.samples + j) for j in range(B)]
+        self._ids = None
+        if len(ids) != B:
+            raise ValueError(f"set_ids gave {len(ids)} ids for a batch of {B} samples")
+        rows, snaps = [], []
+        for l in self.layers:
+            st = torch.cat(l.pending) if len(l.pending) > 1 else l.pending[0]
+            l.pending = []
+            if st.shape[0] != B and st.shape[0] % B == 0:  # windowed attention: fold windows per sample
+                st = _fold_windows(st, B)
+            index = torch.arange(self.samples, self.samples + B, device=st.device)
+            l.topk.update(st[..., STAT_INDEX["score_pos"]], st[..., STAT_INDEX["score_neg"]], index)
+            l.agg.update(st)
+            if self.writer is not None:
+                rows.append(st.cpu().numpy() if self.options.per_sample else None)
+                snap = {f"topk_{k}": v for k, v in l.topk.state_dict().items()}
+                snap.update({f"agg_{k}": v for k, v in l.agg.state_dict().items()})
+                snap["nonfinite_values"] = np.int64(l.nonfinite)
+                snaps.append(snap)
+        self.samples += B
+        if self.writer is not None:
+            self.writer.write(ids, rows if self.options.per_sample else None, steps=[self._step] * B,
+                              snapshot=snaps)
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Flush everything, close the file and remove every hook. Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        for h in self._handles:
+            h.remove()
+        self._capture.__exit__(None, None, None)
+        if self.writer is not None:
+            self.writer.close()
+
+    def __enter__(self) -> "Probe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _fold_windows(st: Tensor, B: int) -> Tensor:
+    """Windowed attention (Swin) gives (B·nW, H, R, S): reduce windows to one row per sample
+    (means average, max/min/score statistics take the extreme; top-k means average)."""
+    nW = st.shape[0] // B
+    st = st.view(B, nW, *st.shape[1:])
+    out = st.mean(1)
+    for name in ("q_max", "k_max", "score_pos"):
+        out[..., STAT_INDEX[name]] = st[..., STAT_INDEX[name]].amax(1)
+    for name in ("q_min", "k_min"):
+        out[..., STAT_INDEX[name]] = st[..., STAT_INDEX[name]].amin(1)
+    out[..., STAT_INDEX["score_neg"]] = st[..., STAT_INDEX["score_neg"]].amax(1)
+    return out
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def attach(model: nn.Module, out: Optional[str] = None, **kwargs) -> Probe:
+    """Attach a :class:`Probe` to ``model``; use as a context manager or call ``close()``.
+
+    Keyword arguments: the fields of :class:`ProbeOptions`, plus ``bases`` (precomputed
+    LayerBases), ``metadata`` (dict stored in the file: model spec, weights hash, ...) and
+    ``resume`` (continue an existing file).
+    """
+    return Probe(model, out, **kwargs)
