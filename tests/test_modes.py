@@ -113,3 +113,15 @@ def test_offsets_match_the_library_biases(name, kw):
     assert (lb.a_offset.abs() > 1e-3).any()  # biases are there to be found
     assert (c.a - torch.einsum("bnd,hdr->bhnr", xin, lb.U) - lb.a_offset[None, :, None]).abs().max() < 1e-4
     assert (c.b - torch.einsum("bnd,hdr->bhnr", xin, lb.V) - lb.b_offset[None, :, None]).abs().max() < 1e-4
+
+
+def test_principal_angles_of_a_known_rotation():
+    from qkprobe.core.drift import principal_angles
+    D, theta = 6, 0.3
+    U0 = torch.eye(D, dtype=torch.float64)[:, :2].unsqueeze(0)  # span(e0, e1)
+    U1 = U0.clone()
+    U1[0, :, 1] = torch.cos(torch.tensor(theta)) * U0[0, :, 1] + torch.sin(torch.tensor(theta)) * torch.eye(D)[:, 4]
+    ang = principal_angles(U0, U1)
+    assert ang.shape == (1, 2)
+    assert abs(ang[0, 0].item()) < 1e-6 and abs(ang[0, 1].item() - theta) < 1e-6  # ascending
+    assert torch.isnan(principal_angles(U0, U1 * float("nan"))).all()

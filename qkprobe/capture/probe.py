@@ -46,6 +46,9 @@ class ProbeOptions:
     (layer, head, mode, sign). include_prefix: prefix tokens (cls, registers) in the maps.
     every: record every N-th forward. per_sample: store per-sample rows (else only aggregates
     and top-k). store_dtype: dtype of stored rows. compression: HDF5 filter.
+    refresh_every: recompute the bases from the current weights every M steps (training; the
+    step is the one given to ``Probe.step``, else the forward count). Each refresh adds a point
+    to the time series (singular values, cosines, drift).
     """
 
     layers: Optional[List[Union[int, str]]] = None
@@ -57,6 +60,7 @@ class ProbeOptions:
     per_sample: bool = True
     store_dtype: str = "float32"
     compression: Optional[str] = "blosc-zstd"
+    refresh_every: Optional[int] = None
 
     def record(self) -> Dict[str, Any]:
         return asdict(self)
@@ -78,7 +82,7 @@ class Probe:
 
     def __init__(self, model: nn.Module, out: Optional[str] = None, *, options: Optional[ProbeOptions] = None,
                  bases: Optional[List[LayerBases]] = None, metadata: Optional[Dict[str, Any]] = None,
-                 resume: bool = False, **option_kwargs):
+                 resume: bool = False, tensorboard=None, **option_kwargs):
         self.model = model
         self.options = options or ProbeOptions(**option_kwargs)
         if self.options.every < 1:
@@ -104,6 +108,12 @@ class Probe:
         self._ids: Optional[List[str]] = None
         self._step = -1
         self.samples = 0
+        self._n_prefix = n_prefix
+        self._start_bases = [l.bases for l in self.layers]
+        self._last_refresh: Optional[int] = None
+        self.series: List[Dict[str, Any]] = []
+        self.tensorboard = tensorboard
+        self._add_series_point(step=-1)
         self.writer = None
         if out is not None:
             self.writer = self._open_writer(out, metadata or {}, resume)
@@ -176,7 +186,9 @@ class Probe:
     def skip(self, sample_id: str, reason: str) -> None:
         """Record an input that could not be used (unreadable image, ...)."""
         if self.writer is not None:
-            self.writer.write([], None, skipped=[(str(sample_id), str(reason))])
+            rows = [np.zeros((0, *l.topk.shape, len(self.stat_names)), np.float32) for l in self.layers] \
+                if self.options.per_sample else None
+            self.writer.write([], rows, skipped=[(str(sample_id), str(reason))])
 
     def bases(self) -> List[LayerBases]:
         return [l.bases for l in self.layers]
@@ -190,8 +202,13 @@ class Probe:
 
     # ------------------------------------------------------------------ hooks
     def _on_forward_start(self, module, args, kwargs):
+        step = self._step if self._step >= 0 else self._forwards
         self._recording = (self._forwards % self.options.every) == 0
         self._forwards += 1
+        M = self.options.refresh_every
+        if M and (self._last_refresh is None or step - self._last_refresh >= M):
+            self._last_refresh = step
+            self.refresh(step)
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
         self._batch = None if first is None or first.dim() == 0 else int(first.shape[0])
 
@@ -248,6 +265,42 @@ class Probe:
         if self.writer is not None:
             self.writer.write(ids, rows if self.options.per_sample else None, steps=[self._step] * B,
                               snapshot=snaps)
+
+    # ------------------------------------------------------------------ training
+    def refresh(self, step: Optional[int] = None) -> None:
+        """Recompute every layer's bases from the current weights and add a series point.
+
+        A layer whose W_q or W_k holds NaN/Inf keeps its previous bases and is flagged
+        (``nonfinite_weights``) in the series; training goes on.
+        """
+        step = (self._step if self._step >= 0 else self._forwards) if step is None else int(step)
+        flags = []
+        for l in self.layers:
+            w = l.site.adapter.weights(l.site.module)
+            ok = bool(torch.isfinite(w.W_q).all() and torch.isfinite(w.W_k).all())
+            if ok:
+                l.bases = layer_bases(l.site, self.model, n_prefix=self._n_prefix)
+            flags.append(not ok)
+        self._add_series_point(step, flags)
+
+    def _add_series_point(self, step: int, nonfinite=None) -> None:
+        from ..core.drift import principal_angles
+        point: Dict[str, Any] = {"step": int(step), "layers": []}
+        for i, (l, lb0) in enumerate(zip(self.layers, self._start_bases)):
+            lb = l.bases
+            summary = lb.layer_summary()
+            point["layers"].append({
+                "S": lb.S.float().numpy(), "cosine": lb.cosine.float().numpy(),
+                "mean_cosine": summary["mean_cosine"], "weighted_cosine": summary["weighted_cosine"],
+                "drift_q": principal_angles(lb0.U, lb.U)[:, -1].float().numpy(),
+                "drift_k": principal_angles(lb0.V, lb.V)[:, -1].float().numpy(),
+                "nonfinite_weights": bool(nonfinite[i]) if nonfinite else False})
+        self.series.append(point)
+        if self.tensorboard is not None:
+            for i, p in enumerate(point["layers"]):
+                for key in ("mean_cosine", "weighted_cosine"):
+                    self.tensorboard.add_scalar(f"qkprobe/{key}/L{i}", p[key], max(step, 0))
+                self.tensorboard.add_scalar(f"qkprobe/drift_q/L{i}", float(np.nanmean(p["drift_q"])), max(step, 0))
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

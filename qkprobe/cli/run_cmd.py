@@ -1,0 +1,147 @@
+"""``qkprobe run`` over an image set, ``qkprobe inspect`` and ``qkprobe recover`` of run files."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from ..errors import RunFileError
+from .common import add_model_args, load_from_args
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("run", help="record per-mode statistics over an image set into a run file")
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="HDF5 run file")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--images", help="folder of images (recursive); default: scikit-image's photographs")
+    src.add_argument("--list", help="text file with one image path per line")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--resume", action="store_true", help="continue a killed run: write exactly the missing images")
+    p.add_argument("--topk", type=int, default=16, help="optimal images kept per layer, head, mode and sign")
+    p.add_argument("--topk-mean", type=int, default=5, help="k of the top-k-mean statistics")
+    p.add_argument("--no-per-sample", action="store_true", help="store only aggregates and top-k, not per-image rows")
+    p.add_argument("--include-prefix", action="store_true", help="keep cls/register tokens in the maps")
+    p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="print the committed row count after every batch")
+    p.set_defaults(func=run)
+
+    p = sub.add_parser("inspect", help="print what a run file holds")
+    p.add_argument("file")
+    p.set_defaults(func=inspect)
+
+    p = sub.add_parser("recover", help="make a run file left open by a crash readable again")
+    p.add_argument("file")
+    p.set_defaults(func=recover)
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "qkprobe", "skimage")
+
+
+def _check_out(args) -> None:
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise RunFileError(f"The output folder {folder} does not exist; create it or choose another --out.")
+    if os.path.exists(args.out) and not args.resume:
+        raise RunFileError(f"{args.out} already exists; pass --resume to continue it or choose another --out.")
+    if args.resume and not os.path.exists(args.out):
+        raise RunFileError(f"There is no {args.out} to resume; run without --resume to start it.")
+
+
+def _check_resumable(path: str, meta: dict, options: dict) -> None:
+    from ..sinks.hdf5_writer import read_metadata
+    old = read_metadata(path)
+    for key in ("model_spec", "weights_hash"):
+        if str(old.get(key)) != str(meta[key]):
+            raise RunFileError(f"Cannot resume {path}: it was made with {key} {old.get(key)!r}, not {meta[key]!r}; "
+                               f"use the same model and weights or start a new file.")
+    old_opts = old.get("options")
+    old_opts = json.loads(old_opts) if isinstance(old_opts, str) else old_opts
+    if old_opts != options:
+        diff = sorted(k for k in set(old_opts or {}) | set(options) if (old_opts or {}).get(k) != options.get(k))
+        raise RunFileError(f"Cannot resume {path}: its options differ in {', '.join(diff)}; "
+                           f"pass the options it was started with or start a new file.")
+
+
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ..capture.probe import ProbeOptions, attach
+    from ..data import list_images, make_loader, skimage_images
+    from ..metadata import versions
+
+    _check_out(args)
+    if args.images or args.list:
+        paths = list_images(images_dir=args.images, list_file=args.list)
+    else:
+        paths = skimage_images(_cache_dir())
+    if not paths:
+        raise RunFileError("Found no images to run on; check --images or --list.")
+    model, transform, meta = load_from_args(args, device=args.device)
+    if transform is None or not callable(transform) or hasattr(transform, "tokenize"):
+        raise RunFileError(f"{args.spec} has no image preprocessing; qkprobe run needs a vision model.")
+    options = ProbeOptions(top_samples=args.topk, topk=args.topk_mean, per_sample=not args.no_per_sample,
+                           include_prefix=args.include_prefix, store_dtype=args.store_dtype)
+    meta["versions"] = versions()
+    if args.resume:
+        _check_resumable(args.out, meta, options.record())
+        from ..sinks.run_file import open_run
+        with open_run(args.out) as done_run:
+            done = set(done_run.ids) | {s for s, _ in done_run.skipped}
+        paths = [p for p in paths if p not in done]
+    probe = attach(model, args.out, options=options, metadata=meta, resume=args.resume)
+    loader = make_loader(paths, transform, batch_size=args.batch_size, workers=args.workers)
+    t0, seen = time.perf_counter(), 0
+    bar = tqdm(total=len(paths), unit="img", disable=args.no_progress, desc="qkprobe run")
+    try:
+        with torch.no_grad():
+            for images, batch_paths, ok, reasons in loader:
+                for p, good, why in zip(batch_paths, ok.tolist(), reasons):
+                    if not good:
+                        probe.skip(p, why)
+                keep = [i for i, good in enumerate(ok.tolist()) if good]
+                if keep:
+                    probe.set_ids([batch_paths[i] for i in keep])
+                    model(images[keep].to(args.device))
+                seen += len(batch_paths)
+                if args.verbose:
+                    print(f"committed {probe.writer.acknowledged}", flush=True)
+                bar.update(len(batch_paths))
+                bar.set_postfix(img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+    finally:
+        bar.close()
+        probe.close()
+    print(f"wrote {probe.samples} images to {args.out} ({seen / (time.perf_counter() - t0):.1f} img/s)")
+    return 0
+
+
+def inspect(args) -> int:
+    from ..sinks.run_file import open_run
+    with open_run(args.file) as run:
+        meta = run.metadata
+        print(f"{args.file}: {len(run)} committed samples, {len(run.layer_names)} layers, "
+              f"statistics: {', '.join(run.stat_names)}")
+        for key in ("model_spec", "weights_hash", "qkprobe_version", "created"):
+            if key in meta:
+                print(f"  {key}: {meta[key]}")
+        if "options" in meta:
+            print(f"  options: {json.dumps(meta['options'], sort_keys=True)}")
+        for i, name in enumerate(run.layer_names):
+            print(f"  layer {i:2d} {name}")
+        if run.skipped:
+            print(f"  skipped inputs: {len(run.skipped)} (first: {run.skipped[0][0]}: {run.skipped[0][1]})")
+    return 0
+
+
+def recover(args) -> int:
+    from ..sinks.recover import recover as do_recover
+    rows = do_recover(args.file)
+    print(f"{args.file}: readable, {rows} committed rows kept")
+    return 0
