@@ -120,6 +120,7 @@ class Probe:
             if resume:
                 self._load_state()
         self._batch: Optional[int] = None
+        self.paused = False  # True: forwards are neither recorded nor counted (evaluation)
         self._handles = [model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
                          model.register_forward_hook(self._on_forward_end)]
         self._capture = capture_qk([l.site for l in self.layers], self._on_qk)
@@ -202,8 +203,11 @@ class Probe:
 
     # ------------------------------------------------------------------ hooks
     def _on_forward_start(self, module, args, kwargs):
+        if self.paused:
+            self._recording = False
+            return
         step = self._step if self._step >= 0 else self._forwards
-        self._recording = (self._forwards % self.options.every) == 0
+        self._recording = (step % self.options.every) == 0  # every N-th step (or forward)
         self._forwards += 1
         M = self.options.refresh_every
         if M and (self._last_refresh is None or step - self._last_refresh >= M):
