@@ -1,0 +1,232 @@
+"""Make a run file left by a killed writer openable by every HDF5 reader again.
+
+A writer using the 1.10 file format (SWMR) marks the superblock "open for write" and clears
+the mark when it closes the file. After a crash the mark stays: SWMR readers still open the
+file, but plain readers and writers refuse it ("file is already open for write"). ``h5clear``
+clears the mark but does not ship with h5py, so this module rewrites the superblock itself
+(flags byte + Jenkins lookup3 checksum), then truncates every per-row dataset to the commit
+counter, dropping the rows the writer had not committed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import RunFileError
+from . import schema
+
+SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_MASK = 0xFFFFFFFF
+
+
+def recover(path, force: bool = False) -> int:
+    """Clear the "open for write" mark of ``path`` and drop uncommitted rows.
+
+    Run it only when no writer has the file open. The writer's process id is recorded in the
+    file; when that process still runs on this host ``recover`` refuses unless ``force``.
+
+    Returns:
+        The number of committed rows (the rows the file keeps).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunFileError(f"{path} does not exist; check the path.")
+    block = read_superblock(path)
+    if block.flags:
+        if not force:
+            _refuse_if_writer_alive(path)
+        clear_open_flags(path, block)
+    _grow_to_eoa(path, block)
+    return truncate_to_committed(path)
+
+
+def needs_recover(path) -> bool:
+    """True when plain HDF5 would refuse ``path``: marked open for write, or shorter than recorded."""
+    block = read_superblock(path)
+    return bool(block.flags) or os.path.getsize(path) < block.eoa
+
+
+@dataclass
+class Superblock:
+    """The fields of a version 2/3 superblock that ``recover`` needs."""
+
+    offset: int        # where the superblock starts (0 unless the file has a user block)
+    version: int
+    size_of_offsets: int
+    flags: int         # file consistency flags; bit 0 open for write, bit 2 SWMR write
+    eoa: int           # end-of-file address recorded by the library
+    raw: bytes         # the whole superblock, checksum included
+
+
+def read_superblock(path) -> Superblock:
+    """Find and parse the superblock (at 0, 512, 1024, 2048, ... bytes)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        offset = 0
+        while offset < max(size, 1):
+            fh.seek(offset)
+            head = fh.read(12)
+            if head[:8] == SIGNATURE:
+                return _parse_superblock(fh, offset, head, path)
+            offset = 512 if offset == 0 else offset * 2
+    raise RunFileError(f"{path} is not an HDF5 file; check the path.")
+
+
+def _parse_superblock(fh, offset: int, head: bytes, path) -> Superblock:
+    version, size_of_offsets, _size_of_lengths, flags = head[8:12]
+    if version < 2:
+        # Versions 0 and 1 are never written with the SWMR format; nothing to clear.
+        return Superblock(offset, version, size_of_offsets, 0, 0, head)
+    if version > 3:
+        raise RunFileError(f"{path} has HDF5 superblock version {version}, which recover does not know; "
+                           f"use the h5clear tool of your HDF5 installation instead.")
+    length = 12 + 4 * size_of_offsets + 4
+    fh.seek(offset)
+    raw = fh.read(length)
+    stored = struct.unpack("<I", raw[-4:])[0]
+    if lookup3(raw[:-4]) != stored:
+        raise RunFileError(f"{path} has a damaged HDF5 superblock (bad checksum); it cannot be recovered.")
+    eoa_at = 12 + 2 * size_of_offsets
+    eoa = int.from_bytes(raw[eoa_at:eoa_at + size_of_offsets], "little")
+    return Superblock(offset, version, size_of_offsets, flags, eoa, raw)
+
+
+def clear_open_flags(path, block: Superblock) -> None:
+    """Rewrite the superblock with its consistency flags cleared and a new checksum."""
+    body = bytearray(block.raw[:-4])
+    body[11] = 0
+    new = bytes(body) + struct.pack("<I", lookup3(bytes(body)))
+    with open(path, "r+b") as fh:
+        fh.seek(block.offset)
+        fh.write(new)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _grow_to_eoa(path, block: Superblock) -> None:
+    # A failed write (full disk) can leave the file shorter than the end address the superblock
+    # records; HDF5 then refuses it as truncated. The missing tail was never written, so it
+    # only held space past the commit point.
+    if block.version >= 2 and os.path.getsize(path) < block.eoa:
+        os.truncate(path, block.eoa)
+
+
+def truncate_to_committed(path) -> int:
+    """Resize every per-row dataset of a closed run file to its commit counter; return rows."""
+    try:
+        f = h5py.File(path, "r+", libver=schema.LIBVER)
+    except OSError as exc:
+        raise RunFileError(f"{path} cannot be opened after clearing its open-for-write mark ({exc}); "
+                           f"it cannot be recovered.") from exc
+    with f:
+        if schema.COMMITTED not in f:
+            raise RunFileError(f"{path} is not a qkprobe run file (it has no commit counter); "
+                               f"check the path.")
+        committed = f[schema.COMMITTED][()]
+        truncate_rows(f, int(committed[schema.ROWS]), int(committed[schema.SKIPPED]))
+        return int(committed[schema.ROWS])
+
+
+def truncate_rows(f: h5py.File, rows: int, skipped: int) -> None:
+    """Drop everything past ``rows`` samples and ``skipped`` skipped entries (file open r+)."""
+    _truncate_column(f[schema.SAMPLE_ID], rows)
+    f[schema.SAMPLE_STEP].resize((rows,))
+    _truncate_column(f[schema.SKIPPED_ID], skipped)
+    _truncate_column(f[schema.SKIPPED_REASON], skipped)
+    for name in f[schema.LAYERS]:
+        layer = f[schema.LAYERS][name]
+        if schema.STATS in layer:
+            layer[schema.STATS].resize(rows, axis=0)
+
+
+def _truncate_column(group, count: int) -> None:
+    nbytes = schema.string_column_nbytes(group, count)
+    group[schema.STRING_END].resize((count,))
+    group[schema.STRING_BYTES].resize((nbytes,))
+
+
+def _refuse_if_writer_alive(path) -> None:
+    pid, host = _recorded_writer(path)
+    if pid is None or host != socket.gethostname():
+        return
+    if pid == os.getpid() or _process_alive(pid):
+        raise RunFileError(f"{path} may still be open in writer process {pid} on this host; stop that "
+                           f"process first, or use force=True if it is not writing this file.")
+
+
+def _recorded_writer(path):
+    try:
+        with h5py.File(path, "r", libver=schema.LIBVER, swmr=True) as f:
+            pid = f.attrs.get(schema.WRITER_PID)
+            host = f.attrs.get(schema.WRITER_HOST)
+    except OSError:
+        return None, None
+    if isinstance(host, bytes):
+        host = host.decode()
+    return (int(pid) if pid is not None else None), host
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- Bob Jenkins' lookup3 hashlittle, as HDF5's H5_checksum_lookup3 (initval 0) ---------------
+
+def _rot(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & _MASK
+
+
+def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
+    a = (a - c) & _MASK; a ^= _rot(c, 4); c = (c + b) & _MASK
+    b = (b - a) & _MASK; b ^= _rot(a, 6); a = (a + c) & _MASK
+    c = (c - b) & _MASK; c ^= _rot(b, 8); b = (b + a) & _MASK
+    a = (a - c) & _MASK; a ^= _rot(c, 16); c = (c + b) & _MASK
+    b = (b - a) & _MASK; b ^= _rot(a, 19); a = (a + c) & _MASK
+    c = (c - b) & _MASK; c ^= _rot(b, 4); b = (b + a) & _MASK
+    return a, b, c
+
+
+def _final(a: int, b: int, c: int) -> int:
+    c ^= b; c = (c - _rot(b, 14)) & _MASK
+    a ^= c; a = (a - _rot(c, 11)) & _MASK
+    b ^= a; b = (b - _rot(a, 25)) & _MASK
+    c ^= b; c = (c - _rot(b, 16)) & _MASK
+    a ^= c; a = (a - _rot(c, 4)) & _MASK
+    b ^= a; b = (b - _rot(a, 14)) & _MASK
+    c ^= b; c = (c - _rot(b, 24)) & _MASK
+    return c
+
+
+def lookup3(data: bytes, initval: int = 0) -> int:
+    """Jenkins lookup3 ``hashlittle`` of ``data`` (the checksum of HDF5 metadata blocks)."""
+    length = len(data)
+    a = b = c = (0xDEADBEEF + length + initval) & _MASK
+    if length == 0:
+        return c
+    # Whole 12-byte blocks, except that the last (1..12 bytes) goes through the tail path.
+    full = (length - 1) // 12
+    words = np.frombuffer(data[:full * 12], dtype="<u4").tolist() if full else []
+    for i in range(full):
+        a = (a + words[3 * i]) & _MASK
+        b = (b + words[3 * i + 1]) & _MASK
+        c = (c + words[3 * i + 2]) & _MASK
+        a, b, c = _mix(a, b, c)
+    tail = data[full * 12:] + bytes(12 - (length - full * 12))
+    ta, tb, tc = struct.unpack("<III", tail)
+    a = (a + ta) & _MASK
+    b = (b + tb) & _MASK
+    c = (c + tc) & _MASK
+    return _final(a, b, c)

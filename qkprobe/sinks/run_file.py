@@ -1,0 +1,241 @@
+"""Read a qkprobe run file, also while it is being written (SWMR).
+
+Only committed data is returned: rows below the counter in ``/committed`` and the snapshot
+slot that counter points to. ``refresh()`` moves to the writer's latest commit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the Blosc filter used by stats)
+import numpy as np
+
+from ..errors import RunFileError
+from . import schema
+
+LayerKey = Union[int, str]
+
+
+def open_run(path) -> "RunFile":
+    """Open a run file read-only; works while a writer in another process is adding to it."""
+    return RunFile(path)
+
+
+def read_metadata(path) -> dict:
+    """The metadata of a run file (root attributes, JSON decoded), e.g. to check a resume."""
+    with open_run(path) as run:
+        return run.metadata
+
+
+class RunFile:
+    """A run file opened for reading. Shapes: rows committed samples, H heads, R modes, S statistics."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._file = _open(self.path)
+        try:
+            self._check_schema()
+            self._bind()
+        except BaseException:
+            self._file.close()
+            raise
+        self.refresh()
+
+    # ---- structure ------------------------------------------------------------------------
+
+    def _check_schema(self) -> None:
+        version = self._file.attrs.get("schema_version")
+        if version is None or schema.COMMITTED not in self._file:
+            raise RunFileError(f"{self.path} is not a qkprobe run file; check the path.")
+        if int(version) != schema.SCHEMA_VERSION:
+            raise RunFileError(f"{self.path} has run-file schema version {int(version)}, but this qkprobe "
+                               f"reads version {schema.SCHEMA_VERSION}; open it with a qkprobe release of "
+                               f"that version.")
+
+    def _bind(self) -> None:
+        f = self._file
+        self._committed = f[schema.COMMITTED]
+        self._layers = [f[schema.LAYERS][key] for key in sorted(f[schema.LAYERS], key=int)]
+        self.layer_names: list[str] = [schema.to_python(g.attrs["name"]) for g in self._layers]
+        self.stat_names: list[str] = [schema.to_python(s) for s in f[schema.STAT_NAMES][()]]
+        self.per_sample = bool(f.attrs.get("per_sample", True))
+        self._rows = self._skipped = self._generation = 0
+        self._ids: list[str] = []
+        self._skipped_list: list[tuple[str, str]] = []
+
+    # ---- commit state ---------------------------------------------------------------------
+
+    def refresh(self) -> int:
+        """Read the writer's latest commit; returns the committed rows (never fewer than before)."""
+        rows, skipped, generation = self._read_committed()
+        if rows > self._rows:
+            self._ids.extend(self._read_column(schema.SAMPLE_ID, self._rows, rows))
+            self._rows = rows
+        if skipped > self._skipped:
+            ids = self._read_column(schema.SKIPPED_ID, self._skipped, skipped)
+            reasons = self._read_column(schema.SKIPPED_REASON, self._skipped, skipped)
+            self._skipped_list.extend(zip(ids, reasons))
+            self._skipped = skipped
+        self._generation = max(self._generation, generation)
+        return self._rows
+
+    def _read_committed(self) -> tuple[int, int, int]:
+        self._committed.refresh()
+        state = self._committed[()]
+        return int(state[schema.ROWS]), int(state[schema.SKIPPED]), int(state[schema.GENERATION])
+
+    def _read_column(self, path: str, start: int, stop: int) -> list[str]:
+        group = self._file[path]
+        group[schema.STRING_END].refresh()
+        group[schema.STRING_BYTES].refresh()
+        return schema.read_strings(group, start, stop)
+
+    def __len__(self) -> int:
+        return self._rows
+
+    # ---- per-row data ---------------------------------------------------------------------
+
+    @property
+    def ids(self) -> list[str]:
+        """Sample ids of the committed rows, in row order."""
+        return list(self._ids)
+
+    @property
+    def steps(self) -> np.ndarray:
+        """(rows,) int64 training step of each row (-1 when none)."""
+        return self._read_rows(self._file[schema.SAMPLE_STEP], (slice(None),))
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(id, reason) of the committed skipped inputs."""
+        return list(self._skipped_list)
+
+    def stats(self, layer: LayerKey, stat: Optional[Union[str, int]] = None, head: Optional[int] = None,
+              rows: Optional[slice] = None) -> np.ndarray:
+        """Per-sample statistics of one layer, as stored (float32 or float16).
+
+        Args:
+            layer: layer index or module name.
+            stat: a statistic name (or index); None for all.
+            head: one head; None for all. One (layer, head) is the read the chunks are made for.
+            rows: a slice of the committed rows; None for all.
+
+        Returns:
+            (rows, H, R, S), dropping the H axis when ``head`` is given and S when ``stat`` is.
+        """
+        group = self._layer(layer)
+        if schema.STATS not in group:
+            raise RunFileError(f"{self.path} has no per-sample statistics (it was written with "
+                               f"per_sample=False); use its snapshot arrays instead.")
+        selection = (slice(None) if head is None else int(head), slice(None),
+                     slice(None) if stat is None else self._stat_index(stat))
+        return self._read_rows(group[schema.STATS], selection, rows)
+
+    def _read_rows(self, dataset: h5py.Dataset, selection: tuple, rows: Optional[slice] = None) -> np.ndarray:
+        dataset.refresh()
+        start, stop, step = (rows or slice(None)).indices(self._rows)
+        if step < 1:
+            raise RunFileError("Rows of a run file can only be read in increasing order; use a positive "
+                               "slice step.")
+        return dataset[(slice(start, max(start, stop), step),) + selection[: dataset.ndim - 1]]
+
+    # ---- per-layer data -------------------------------------------------------------------
+
+    def snapshot_names(self, layer: LayerKey) -> list[str]:
+        """Names of the snapshot arrays of a layer."""
+        return list(self._layer(layer)[schema.SNAPSHOT])
+
+    def snapshot(self, layer: LayerKey, name: str) -> np.ndarray:
+        """The committed value of a snapshot array (zeros before the first commit).
+
+        If the writer moves on by more than one commit while the array is read, the reader
+        refreshes and reads again, so the value may belong to a later commit than ``len(self)``.
+        """
+        group = self._layer(layer)[schema.SNAPSHOT]
+        if name not in group:
+            raise RunFileError(f"Layer {self.layer_names[self._layer_index(layer)]} of {self.path} has no "
+                               f"snapshot array {name!r}; it has {sorted(group)}.")
+        dataset = group[name]
+        while True:
+            generation = self._generation
+            dataset.refresh()
+            value = dataset[schema.snapshot_slot(generation)]
+            # The writer only writes the slot of generation + 2 after publishing generation + 1.
+            if self._read_committed()[2] <= generation:
+                return value
+            self.refresh()
+
+    def bases(self, layer: LayerKey) -> dict[str, np.ndarray]:
+        """The arrays written once for a layer (e.g. U, S, V, cosine), name → array."""
+        return {name: ds[()] for name, ds in self._layer(layer)[schema.BASES].items()}
+
+    def layer_attrs(self, layer: LayerKey) -> dict:
+        """Attributes of a layer: name, num_heads, num_modes and the writer's extras."""
+        return schema.decode_attrs(self._layer(layer))
+
+    @property
+    def metadata(self) -> dict:
+        """Root attributes, JSON ones decoded: schema_version, qkprobe_version, created, caller's keys."""
+        return schema.decode_attrs(self._file, skip=(schema.JSON_KEYS, schema.WRITER_PID, schema.WRITER_HOST))
+
+    def _layer(self, layer: LayerKey) -> h5py.Group:
+        return self._layers[self._layer_index(layer)]
+
+    def _layer_index(self, layer: LayerKey) -> int:
+        if isinstance(layer, str):
+            if layer not in self.layer_names:
+                raise RunFileError(f"{self.path} has no layer {layer!r}; its layers are {self.layer_names}.")
+            return self.layer_names.index(layer)
+        index = int(layer)
+        if not -len(self._layers) <= index < len(self._layers):
+            raise RunFileError(f"{self.path} has {len(self._layers)} layers, there is no layer {index}.")
+        return index % len(self._layers)
+
+    def _stat_index(self, stat: Union[str, int]) -> int:
+        if isinstance(stat, str):
+            if stat not in self.stat_names:
+                raise RunFileError(f"{self.path} has no statistic {stat!r}; it has {self.stat_names}.")
+            return self.stat_names.index(stat)
+        return int(stat)
+
+    # ---- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the file; safe to call twice."""
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> "RunFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"RunFile({str(self.path)!r}, rows={self._rows}, layers={len(self._layers)}, "
+                f"stats={self.stat_names})")
+
+
+def _open(path: Path) -> h5py.File:
+    if not path.is_file():
+        raise RunFileError(f"{path} does not exist; check the path.")
+    try:
+        return h5py.File(path, "r", swmr=True)
+    except OSError as exc:
+        raise RunFileError(_open_failure(path, str(exc))) from exc
+
+
+def _open_failure(path: Path, text: str) -> str:
+    lowered = text.lower()
+    if any(text in lowered for text in ("already open for write", "consistency flags",
+                                        "not already open for swmr writing", "truncated file")):
+        return (f"{path} was left open for writing by a writer that stopped; run `qkprobe recover {path}` "
+                f"(once no writer is running) and open it again.")
+    if "lock" in lowered:
+        return f"{path} is locked by another program that is writing it; try again when it has finished."
+    if "signature" in lowered:
+        return f"{path} is not an HDF5 file; check the path."
+    return f"{path} cannot be opened ({text.splitlines()[0]}); check that it is a complete qkprobe run file."
