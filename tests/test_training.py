@@ -94,3 +94,15 @@ def test_refresh_with_nan_weights_is_flagged_not_fatal():
     last = probe.series[-1]["layers"]
     assert last[1]["nonfinite_weights"] and not last[0]["nonfinite_weights"]
     assert np.isfinite(last[1]["S"]).all()  # previous bases kept
+
+
+def test_series_is_stored_in_the_run_file(tmp_path):
+    path = str(tmp_path / "s.h5")
+    _, _, bases, probe = train(make(), probe_kwargs=dict(refresh_every=1), tmp=path)
+    run = qkprobe.open_run(path)
+    assert run.series_steps.tolist() == [-1, 0, 1, 2]
+    assert set(run.series_names(0)) == {"S", "cosine", "drift_q", "drift_k", "nonfinite_weights"}
+    for point, ref in zip(run.series(1, "S")[1:], bases):
+        np.testing.assert_allclose(point, ref[1].S.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(run.series(0, "drift_q"), np.stack([p["layers"][0]["drift_q"] for p in probe.series]))
+    run.close()

@@ -31,6 +31,7 @@ from ..adapters.discover import AttentionSite, find_attention, prefix_tokens
 from ..bases import LayerBases, layer_bases
 from ..core.stats import STAT_INDEX, STAT_NAMES, count_nonfinite, mode_statistics
 from ..core.streaming import Aggregates, TopKSamples
+from ..distributed import finish_shards, rank_and_world, shard_path
 from .coordinates import capture_qk, coordinates_from_qk
 
 Tensor = torch.Tensor
@@ -112,11 +113,15 @@ class Probe:
         self._start_bases = [l.bases for l in self.layers]
         self._last_refresh: Optional[int] = None
         self.series: List[Dict[str, Any]] = []
+        self._pending_series: List[Dict[str, Any]] = []
         self.tensorboard = tensorboard
         self._add_series_point(step=-1)
         self.writer = None
+        self.out = out
+        self.rank, self.world = rank_and_world()
         if out is not None:
-            self.writer = self._open_writer(out, metadata or {}, resume)
+            path = shard_path(out, self.rank) if self.world > 1 else out
+            self.writer = self._open_writer(path, metadata or {}, resume)
             if resume:
                 self._load_state()
         self._batch: Optional[int] = None
@@ -155,8 +160,11 @@ class Probe:
             snap["nonfinite_values"] = ((), np.dtype(np.int64))
             attrs = {k: v for k, v in bases_attrs(l.bases).items() if k != "name"}
             attrs["heads"] = json.dumps(None if l.heads is None else l.heads.tolist())
+            H = l.bases.num_heads
+            series = {"S": ((H, R), np.float32), "cosine": ((H, R), np.float32), "drift_q": ((H,), np.float32),
+                      "drift_k": ((H,), np.float32), "nonfinite_weights": ((), np.int8)}
             specs.append(LayerSpec(name=l.site.name, num_heads=nh, num_modes=R, snapshot=snap,
-                                   bases=bases_arrays(l.bases), attrs=attrs))
+                                   bases=bases_arrays(l.bases), attrs=attrs, series=series))
         meta = dict(metadata)
         meta.setdefault("versions", versions())
         meta["options"] = self.options.record()
@@ -187,9 +195,21 @@ class Probe:
     def skip(self, sample_id: str, reason: str) -> None:
         """Record an input that could not be used (unreadable image, ...)."""
         if self.writer is not None:
-            rows = [np.zeros((0, *l.topk.shape, len(self.stat_names)), np.float32) for l in self.layers] \
-                if self.options.per_sample else None
-            self.writer.write([], rows, skipped=[(str(sample_id), str(reason))])
+            rows = self._empty_rows()
+            self.writer.write([], rows, skipped=[(str(sample_id), str(reason))], series=self._take_series())
+
+    def _empty_rows(self):
+        if not self.options.per_sample:
+            return None
+        return [np.zeros((0, *l.topk.shape, len(self.stat_names)), np.float32) for l in self.layers]
+
+    def _take_series(self) -> list:
+        """Time-series points not yet handed to the writer, as ``(step, [per layer arrays])``."""
+        keys = ("S", "cosine", "drift_q", "drift_k", "nonfinite_weights")
+        points = [(p["step"], [{k: np.asarray(layer[k]) for k in keys} for layer in p["layers"]])
+                  for p in self._pending_series]
+        self._pending_series = []
+        return points
 
     def bases(self) -> List[LayerBases]:
         return [l.bases for l in self.layers]
@@ -268,7 +288,7 @@ class Probe:
         self.samples += B
         if self.writer is not None:
             self.writer.write(ids, rows if self.options.per_sample else None, steps=[self._step] * B,
-                              snapshot=snaps)
+                              snapshot=snaps, series=self._take_series())
 
     # ------------------------------------------------------------------ training
     def refresh(self, step: Optional[int] = None) -> None:
@@ -300,6 +320,7 @@ class Probe:
                 "drift_k": principal_angles(lb0.V, lb.V)[:, -1].float().numpy(),
                 "nonfinite_weights": bool(nonfinite[i]) if nonfinite else False})
         self.series.append(point)
+        self._pending_series.append(point)
         if self.tensorboard is not None:
             for i, p in enumerate(point["layers"]):
                 for key in ("mean_cosine", "weighted_cosine"):
@@ -316,7 +337,11 @@ class Probe:
             h.remove()
         self._capture.__exit__(None, None, None)
         if self.writer is not None:
+            if self._pending_series:
+                self.writer.write([], self._empty_rows(), series=self._take_series())
             self.writer.close()
+            if self.world > 1:
+                finish_shards(self.out, self.rank, self.world)
 
     def __enter__(self) -> "Probe":
         return self

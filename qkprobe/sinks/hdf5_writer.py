@@ -63,6 +63,9 @@ class LayerSpec:
             must be declared here. Their values are zeros until the first commit.
         bases: arrays written once (U, S, V, cosine, ...), name → array.
         attrs: extra attributes of the layer group (str, or anything JSON can encode).
+        series: declared time-series arrays, name → (shape of one point, dtype); each
+            ``write(series=...)`` point appends one entry (training: singular values, cosines,
+            drift at each basis refresh).
     """
 
     name: str
@@ -71,6 +74,7 @@ class LayerSpec:
     snapshot: dict = field(default_factory=dict)
     bases: dict = field(default_factory=dict)
     attrs: dict = field(default_factory=dict)
+    series: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +84,7 @@ class _Batch:
     steps: np.ndarray             # (B,) int64
     snapshot: list                # per layer {name: array}
     skipped: list                 # [(id, reason)]
+    series: list                  # [(step, per layer {name: array})]
 
 
 class RunWriter:
@@ -150,7 +155,8 @@ class RunWriter:
     # ---- caller side ---------------------------------------------------------------------
 
     def write(self, ids: Sequence[str], rows: Optional[Sequence[np.ndarray]] = None, steps=None,
-              snapshot: Optional[Sequence[Optional[dict]]] = None, skipped: Sequence[tuple] = ()) -> int:
+              snapshot: Optional[Sequence[Optional[dict]]] = None, skipped: Sequence[tuple] = (),
+              series: Sequence[tuple] = ()) -> int:
         """Queue one batch; block while the queue is full.
 
         Args:
@@ -160,6 +166,7 @@ class RunWriter:
             snapshot: per layer a dict {declared name: full new array} (or None / {} for no
                 change). The arrays must describe the state *after* this batch.
             skipped: (id, reason) of inputs that could not be read.
+            series: time-series points ``(step, [per layer {declared name: array}])``.
 
         Returns:
             The ticket of the batch (batch number in this session, from 0).
@@ -169,7 +176,7 @@ class RunWriter:
         """
         self._raise_if_failed()
         self._raise_if_closed()
-        batch = self._prepare(ids, rows, steps, snapshot, skipped)
+        batch = self._prepare(ids, rows, steps, snapshot, skipped, series)
         self._put(("batch", batch))
         ticket = self._tickets
         self._tickets += 1
@@ -278,6 +285,7 @@ class RunWriter:
             _create_string_column(f, column)
         f.create_dataset(schema.SAMPLE_STEP, shape=(0,), maxshape=(None,), dtype=np.int64,
                          chunks=(ROW_CHUNK,))
+        f.create_dataset(schema.SERIES_STEP, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(256,))
         names = f.create_dataset(schema.STAT_NAMES, data=self.stat_names, dtype=h5py.string_dtype())
         names.make_scale("statistic")
         for index, spec in enumerate(self.layers):
@@ -312,6 +320,11 @@ class RunWriter:
         bases = group.create_group(schema.BASES)
         for name, array in spec.bases.items():
             bases.create_dataset(name, data=np.asarray(array))
+        series = group.create_group(schema.SERIES)
+        for name, (shape, dtype) in spec.series.items():
+            shape = tuple(shape)
+            series.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=np.dtype(dtype),
+                                  chunks=(16, *shape))
 
     def _mark_writer(self, f: h5py.File) -> None:
         # Lets ``recover`` refuse to touch a file whose writer is still running.
@@ -330,7 +343,8 @@ class RunWriter:
         try:
             self._check_resumable(f)
             committed = f[schema.COMMITTED][()]
-            _recover.truncate_rows(f, int(committed[schema.ROWS]), int(committed[schema.SKIPPED]))
+            _recover.truncate_rows(f, int(committed[schema.ROWS]), int(committed[schema.SKIPPED]),
+                                   schema.series_points(committed))
             self._existing_ids = schema.read_strings(f[schema.SAMPLE_ID], 0, int(committed[schema.ROWS]))
             self._mark_writer(f)
             f.flush()
@@ -377,18 +391,22 @@ class RunWriter:
         self._snapshot_values = [{name: ds[slot] for name, ds in g.items()} for g in self._snapshot_sets]
         self._snapshot_dirty = False
         self._pending_skipped: list = []
+        self._series_step = f[schema.SERIES_STEP]
+        self._series_sets = [g[schema.SERIES] for g in groups]
+        self._series = self._series_committed = schema.series_points(state)
         self._last_commit = self._last_fsync = time.monotonic()
         self._unsynced = False
 
     # ---- batch preparation (caller thread) ------------------------------------------------
 
-    def _prepare(self, ids, rows, steps, snapshot, skipped) -> _Batch:
+    def _prepare(self, ids, rows, steps, snapshot, skipped, series=()) -> _Batch:
         ids = [str(i) for i in ids]
         self._check_ids(ids)
         batch = _Batch(ids=ids, rows=self._prepare_rows(rows, len(ids)),
                        steps=self._prepare_steps(steps, len(ids)),
                        snapshot=self._prepare_snapshot(snapshot),
-                       skipped=[(str(i), str(r)) for i, r in skipped])
+                       skipped=[(str(i), str(r)) for i, r in skipped],
+                       series=[self._prepare_series_point(step, layers) for step, layers in series])
         if self.id_is_unique:
             self._seen.update(ids)
         return batch
@@ -453,6 +471,24 @@ class RunWriter:
                 layer[name] = array
             out.append(layer)
         return out
+
+    def _prepare_series_point(self, step, layers) -> tuple:
+        if len(layers) != len(self.layers):
+            raise ShapeError(f"A series point needs one dict per layer ({len(self.layers)}), got {len(layers)}.")
+        out = []
+        for spec, arrays in zip(self.layers, layers):
+            if set(arrays) != set(spec.series):
+                raise RunFileError(f"Series point of layer {spec.name} has arrays {sorted(arrays)}, declared "
+                                   f"{sorted(spec.series)}; give every declared series array.")
+            point = {}
+            for name, (shape, dtype) in spec.series.items():
+                array = np.array(arrays[name], dtype=np.dtype(dtype), copy=True)
+                if array.shape != tuple(shape):
+                    raise ShapeError(f"Series {name!r} of layer {spec.name} has shape {array.shape}, "
+                                     f"declared {tuple(shape)}.")
+                point[name] = array
+            out.append(point)
+        return int(step), out
 
     def _put(self, item, check_failed: bool = True) -> None:
         while True:
@@ -541,6 +577,15 @@ class RunWriter:
                 latest.update(update)
                 self._snapshot_dirty = True
         self._pending_skipped.extend(batch.skipped)
+        if batch.series:
+            start, stop = self._series, self._series + len(batch.series)
+            self._series_step.resize((stop,))
+            self._series_step[start:stop] = [step for step, _ in batch.series]
+            for i, datasets in enumerate(self._series_sets):
+                for name, dataset in datasets.items():
+                    dataset.resize(stop, axis=0)
+                    dataset[start:stop] = np.stack([layers[i][name] for _, layers in batch.series])
+            self._series = stop
 
     def _commit(self) -> None:
         if not self._has_uncommitted():
@@ -557,7 +602,7 @@ class RunWriter:
                 for name, value in values.items():
                     datasets[name][slot] = value
         self._file.flush()
-        state = np.array([self._rows, self._skipped_ids.count, generation], dtype=np.int64)
+        state = np.array([self._rows, self._skipped_ids.count, generation, self._series], dtype=np.int64)
         self._committed[...] = state
         self._file.flush()
         self._committed_state = state
@@ -569,7 +614,7 @@ class RunWriter:
 
     def _has_uncommitted(self) -> bool:
         return (self._rows != self._committed_state[schema.ROWS] or bool(self._pending_skipped)
-                or self._snapshot_dirty)
+                or self._snapshot_dirty or self._series != schema.series_points(self._committed_state))
 
     def _commit_overdue(self) -> bool:
         return time.monotonic() - self._last_commit >= self.commit_interval_s

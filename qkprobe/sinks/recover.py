@@ -130,12 +130,13 @@ def truncate_to_committed(path) -> int:
             raise RunFileError(f"{path} is not a qkprobe run file (it has no commit counter); "
                                f"check the path.")
         committed = f[schema.COMMITTED][()]
-        truncate_rows(f, int(committed[schema.ROWS]), int(committed[schema.SKIPPED]))
+        truncate_rows(f, int(committed[schema.ROWS]), int(committed[schema.SKIPPED]), schema.series_points(committed))
         return int(committed[schema.ROWS])
 
 
-def truncate_rows(f: h5py.File, rows: int, skipped: int) -> None:
-    """Drop everything past ``rows`` samples and ``skipped`` skipped entries (file open r+)."""
+def truncate_rows(f: h5py.File, rows: int, skipped: int, series: int = 0) -> None:
+    """Drop everything past ``rows`` samples, ``skipped`` skipped entries and ``series``
+    time-series points (file open r+)."""
     _truncate_column(f[schema.SAMPLE_ID], rows)
     f[schema.SAMPLE_STEP].resize((rows,))
     _truncate_column(f[schema.SKIPPED_ID], skipped)
@@ -144,6 +145,10 @@ def truncate_rows(f: h5py.File, rows: int, skipped: int) -> None:
         layer = f[schema.LAYERS][name]
         if schema.STATS in layer:
             layer[schema.STATS].resize(rows, axis=0)
+        for dataset in layer.get(schema.SERIES, {}).values():
+            dataset.resize(series, axis=0)
+    if schema.SERIES_STEP in f:
+        f[schema.SERIES_STEP].resize((series,))
 
 
 def _truncate_column(group, count: int) -> None:

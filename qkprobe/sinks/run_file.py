@@ -85,6 +85,7 @@ class RunFile:
     def _read_committed(self) -> tuple[int, int, int]:
         self._committed.refresh()
         state = self._committed[()]
+        self._series_points = schema.series_points(state)
         return int(state[schema.ROWS]), int(state[schema.SKIPPED]), int(state[schema.GENERATION])
 
     def _read_column(self, path: str, start: int, stop: int) -> list[str]:
@@ -167,6 +168,31 @@ class RunFile:
             if self._read_committed()[2] <= generation:
                 return value
             self.refresh()
+
+    # ---- time series (training) ------------------------------------------------------------
+
+    @property
+    def series_steps(self) -> np.ndarray:
+        """(points,) int64: the step of each committed time-series point (basis refreshes)."""
+        if schema.SERIES_STEP not in self._file:
+            return np.zeros(0, np.int64)
+        return self._read_points(self._file[schema.SERIES_STEP])
+
+    def series_names(self, layer: LayerKey) -> list[str]:
+        """Names of the time-series arrays of a layer (empty when the run logged none)."""
+        return list(self._layer(layer).get(schema.SERIES, {}))
+
+    def series(self, layer: LayerKey, name: str) -> np.ndarray:
+        """(points, *shape) committed values of one time-series array of a layer."""
+        group = self._layer(layer).get(schema.SERIES, {})
+        if name not in group:
+            raise RunFileError(f"Layer {self.layer_names[self._layer_index(layer)]} of {self.path} has no "
+                               f"series {name!r}; it has {sorted(group)}.")
+        return self._read_points(group[name])
+
+    def _read_points(self, dataset: h5py.Dataset) -> np.ndarray:
+        dataset.refresh()
+        return dataset[: min(self._series_points, dataset.shape[0])]
 
     def bases(self, layer: LayerKey) -> dict[str, np.ndarray]:
         """The arrays written once for a layer (e.g. U, S, V, cosine), name → array."""

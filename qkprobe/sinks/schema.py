@@ -26,8 +26,8 @@ LIBVER = ("v110", "v110")
 
 # /committed: (3,) int64 written with one small write after everything it covers is flushed.
 COMMITTED = "committed"
-COMMIT_FIELDS = ("rows", "skipped", "snapshot_generation")
-ROWS, SKIPPED, GENERATION = range(3)
+COMMIT_FIELDS = ("rows", "skipped", "snapshot_generation", "series")
+ROWS, SKIPPED, GENERATION, SERIES_POINTS = range(4)
 
 SAMPLE_ID = "samples/id"          # string column, one id per row
 SAMPLE_STEP = "samples/step"      # (rows,) int64, -1 when there is no training step
@@ -41,6 +41,8 @@ LAYERS = "layers"
 STATS = "stats"                   # (rows, H, R, S) per layer, only when per_sample
 SNAPSHOT = "snapshot"             # group of (2, *shape) arrays: two slots, see snapshot_slot()
 BASES = "bases"
+SERIES = "series"                 # per layer: group of (points, *shape) time-series datasets
+SERIES_STEP = "series/step"       # (points,) int64: the step of each time-series point
 HEAD_INDEX = "head_index"
 MODE_INDEX = "mode_index"
 STATS_DIMS = ("sample", "head", "mode", "statistic")
@@ -158,3 +160,8 @@ def read_strings(group, start: int, stop: int) -> list[str]:
 def string_column_nbytes(group, count: int) -> int:
     """Bytes of ``utf8`` used by the first ``count`` strings of a string column."""
     return int(group[STRING_END][count - 1]) if count > 0 else 0
+
+
+def series_points(committed) -> int:
+    """Committed time-series points of a commit record (0 for records without the field)."""
+    return int(committed[SERIES_POINTS]) if len(committed) > SERIES_POINTS else 0
