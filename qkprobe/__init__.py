@@ -4,11 +4,37 @@ Main entry points::
 
     bases = qkprobe.compute_bases(model)               # singular modes of W_qᵀW_k per layer
     coords = qkprobe.mode_coordinates(model, images)   # per-token mode coordinates a, b
+    with qkprobe.attach(model, out="run.h5"): ...      # stream per-mode statistics to HDF5
+    run = qkprobe.open_run("run.h5")                   # read a run, also while it is written
+
+Names are imported on first use, so tools that only read run files do not pay for torch.
 """
+from importlib import import_module
+
 from ._version import __version__  # noqa: F401
-from .adapters.base import AttentionAdapter, QKWeights, register_attention, unregister_attention  # noqa: F401
-from .bases import LayerBases, compute_bases  # noqa: F401
-from .capture.coordinates import ModeCoordinates, mode_coordinates  # noqa: F401
-from .errors import QKProbeError  # noqa: F401
-from .capture.probe import Probe, ProbeOptions, attach  # noqa: F401
-from .sinks.run_file import open_run  # noqa: F401
+
+_EXPORTS = {
+    "AttentionAdapter": ".adapters.base", "QKWeights": ".adapters.base",
+    "register_attention": ".adapters.base", "unregister_attention": ".adapters.base",
+    "LayerBases": ".bases", "compute_bases": ".bases",
+    "ModeCoordinates": ".capture.coordinates", "mode_coordinates": ".capture.coordinates",
+    "Probe": ".capture.probe", "ProbeOptions": ".capture.probe", "attach": ".capture.probe",
+    "open_run": ".sinks.run_file", "load_model": ".models",
+    "QKProbeError": ".errors",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    if name in ("adapters", "core", "capture", "sinks", "cli", "integrations", "plot", "models", "data",
+                "distributed", "report", "bases", "errors", "metadata"):
+        return import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'qkprobe' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -27,6 +27,7 @@ Everything here is plain tensor math; nothing knows about model libraries.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -80,6 +81,18 @@ def _canonical_signs(U: Tensor, V: Tensor, *rest: Tensor):
                                         else t * sign.squeeze(-2) for t in rest)
 
 
+@contextmanager
+def _one_thread():
+    """Batched R × R LAPACK calls gain nothing from threads, and OpenMP spin-waiting makes
+    them up to 40× slower when another process shares the cores: run them on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def qk_modes(
     W_q: Tensor,
     W_k: Tensor,
@@ -96,6 +109,11 @@ def qk_modes(
         rtol: modes with s_r ≤ rtol · s_max get zero coordinate columns (rank-deficient heads;
             they add nothing to q·k).
     """
+    with _one_thread():
+        return _qk_modes(W_q, W_k, b_q, b_k, rtol)
+
+
+def _qk_modes(W_q, W_k, b_q, b_k, rtol) -> QKModes:
     if W_q.dim() != 3 or W_k.dim() != 3 or W_q.shape[:2] != W_k.shape[:2]:
         raise ValueError(f"W_q and W_k must be (H, R, D) with the same H and R, got "
                          f"{tuple(W_q.shape)} and {tuple(W_k.shape)}")
