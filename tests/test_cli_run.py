@@ -115,8 +115,9 @@ def test_kill_at_random_moments_then_resume(tmp_path, image_dir):
     counts = []
     for rep in range(KILLS):
         out = tmp_path / f"k{rep}.h5"
+        err = open(tmp_path / f"k{rep}.err", "w+")
         proc = subprocess.Popen([sys.executable, "-m", "qkprobe.cli.main", *args, "--out", str(out)],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                stdout=subprocess.PIPE, stderr=err, text=True)
         # wait for the first commit of a few so the kill lands mid-run, then a random moment more
         acks = []
         target = rng.randint(1, 12)
@@ -127,8 +128,12 @@ def test_kill_at_random_moments_then_resume(tmp_path, image_dir):
             if line.startswith("committed "):
                 acks.append(int(line.split()[1]))
         time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is not None:  # it must still be running: a crash is a failure, not a kill
+            err.seek(0)
+            assert proc.returncode == 0, err.read()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        err.close()
         last_ack = max(acks, default=0)
         if not out.exists():
             assert last_ack == 0
