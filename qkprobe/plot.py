@@ -1,4 +1,4 @@
-"""Figures of the paper as matplotlib figures (shared by the CLI and, later, the report).
+"""Figures of the paper as matplotlib figures (shared by the CLI, notebooks and `qkprobe report`).
 
 All functions take plain per-layer summaries so they serve bases files, run files and live
 :class:`~qkprobe.bases.LayerBases` alike.
@@ -6,7 +6,7 @@ All functions take plain per-layer summaries so they serve bases files, run file
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -35,9 +35,7 @@ def relative_depth(n_layers: int) -> np.ndarray:
 def layer_curve(series: Dict[str, Sequence[Dict[str, float]]], ax=None, title: str = ""):
     """The paper's layer curve: mean cosine (dashed) and S-weighted cosine (solid) per layer,
     x = relative depth, one colour per series (e.g. per model). Returns the figure."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -51,4 +49,319 @@ def layer_curve(series: Dict[str, Sequence[Dict[str, float]]], ax=None, title: s
     ax.set_ylabel("cosine(u_r, v_r)")
     ax.set_title(title or "query-key mode cosine per layer")
     ax.legend(fontsize=7)
+    if fig is not None:
+        fig.tight_layout()
     return fig or ax.figure
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _pyplot():
+    """pyplot, on the Agg backend unless the caller (a notebook, a GUI script, MPLBACKEND) chose one."""
+    import os
+    import sys
+    import matplotlib
+    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _grid(n: int, max_cols: int):
+    cols = max(1, min(n, max_cols))
+    return cols, max(1, -(-n // cols))
+
+
+def random_cosine_band(dim: int, quantile: float = 0.99) -> float:
+    """The ``quantile`` of |cos| between two independent uniformly random unit vectors in R^dim.
+
+    Exact: for such vectors t = cos θ has density ∝ (1 − t²)^((dim−3)/2), i.e.
+    (1 + t)/2 ~ Beta((dim−1)/2, (dim−1)/2), so the band is 2·F⁻¹((1 + quantile)/2) − 1 with F the
+    Beta CDF (scipy's ``betaincinv``). |cos| of a random pair falls inside ±band with probability
+    ``quantile``.
+    """
+    dim = int(dim)
+    if dim < 2:
+        return 1.0
+    from scipy.special import betaincinv
+    a = (dim - 1) / 2.0
+    return float(2.0 * betaincinv(a, a, (1.0 + float(quantile)) / 2.0) - 1.0)
+
+
+def head_weighted_cosine(S, cosine) -> np.ndarray:
+    """(H,) Σ_r (s_r/Σs) cos_r per head (the S-weighted cosine of each head)."""
+    S = np.asarray(S, dtype=np.float64)
+    cos = np.asarray(cosine, dtype=np.float64)
+    w = S / np.maximum(S.sum(-1, keepdims=True), np.finfo(np.float64).tiny)
+    return (w * cos).sum(-1)
+
+
+# --------------------------------------------------------------------------- spectra
+
+def spectrum_panel(S, cosine, band: Optional[float] = None, heads: Optional[Sequence[int]] = None,
+                   title: str = "", max_cols: int = 6):
+    """Singular values (top row) and cosine(u_r, v_r) (bottom row) of every mode, one column per
+    head, with the random-pair band ±``band`` shaded (cosines outside it coloured: red > 0,
+    blue < 0). ``S``, ``cosine``: (H, R). ``heads``: labels of the columns (default 0..H-1).
+    Returns the figure."""
+    plt = _pyplot()
+    S = np.atleast_2d(np.asarray(S, dtype=np.float64))
+    cos = np.atleast_2d(np.asarray(cosine, dtype=np.float64))
+    H, R = S.shape
+    heads = list(range(H)) if heads is None else list(heads)
+    cols, rows = _grid(H, max_cols)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(2.3 * cols, 3.4 * rows), dpi=100, squeeze=False,
+                             gridspec_kw={"height_ratios": [1, 1.25] * rows})
+    x = np.arange(R)
+    wcos = head_weighted_cosine(S, cos)
+    for i in range(rows * cols):
+        top, bot = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        if i >= H:
+            top.axis("off")
+            bot.axis("off")
+            continue
+        top.bar(x, S[i], width=1.0, color="0.35")
+        top.set_title(f"H{heads[i]}  S-wtd cos {wcos[i]:+.3f}", fontsize=8)
+        top.tick_params(labelsize=6)
+        top.set_xlim(-0.5, R - 0.5)
+        if band is not None:
+            bot.axhspan(-band, band, color="0.85", lw=0)
+        c = cos[i]
+        colors = np.where(c > (band or 0.0), "tab:red", np.where(c < -(band or 0.0), "tab:blue", "0.45"))
+        bot.scatter(x, c, s=6, c=colors, lw=0)
+        bot.axhline(0.0, color="0.5", lw=0.6)
+        bot.set_ylim(-1.0, 1.0)
+        bot.set_xlim(-0.5, R - 0.5)
+        bot.tick_params(labelsize=6)
+        if i % cols == 0:
+            top.set_ylabel("singular value", fontsize=7)
+            bot.set_ylabel("cos(u_r, v_r)", fontsize=7)
+        bot.set_xlabel("mode r", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- mode importance
+
+def share_summary(cosine, share, band: float) -> Dict[str, float]:
+    """Attention share (mean over heads of Σ share) carried by modes with cos > band
+    (``similar``), cos < −band (``dissimilar``) and inside the band (``neutral``), and the
+    share-weighted cosine Σ share·cos (mean over heads). ``cosine``, ``share``: (H, R)."""
+    cos = np.atleast_2d(np.asarray(cosine, dtype=np.float64))
+    sh = np.atleast_2d(np.asarray(share, dtype=np.float64))
+    sh = np.where(np.isfinite(sh), sh, 0.0)
+    pos, neg = cos > band, cos < -band
+    return {"similar": float((sh * pos).sum(-1).mean()), "dissimilar": float((sh * neg).sum(-1).mean()),
+            "neutral": float((sh * ~(pos | neg)).sum(-1).mean()),
+            "share_weighted_cosine": float((sh * cos).sum(-1).mean())}
+
+
+def mode_importance(cosine, share, band: Optional[float] = None, heads: Optional[Sequence[int]] = None,
+                    ax=None, title: str = ""):
+    """Which modes carry a head's attention: x = cosine(u_r, v_r), y = the mode's mean attention
+    share (statistic ``attn_share``), one colour per head; the random-pair band is shaded.
+    ``cosine``, ``share``: (H, R) or (R,). Returns the figure."""
+    plt = _pyplot()
+    cos = np.atleast_2d(np.asarray(cosine, dtype=np.float64))
+    sh = np.atleast_2d(np.asarray(share, dtype=np.float64))
+    heads = list(range(cos.shape[0])) if heads is None else list(heads)
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+    if band is not None:
+        ax.axvspan(-band, band, color="0.88", lw=0)
+    for i in range(cos.shape[0]):
+        ax.scatter(cos[i], sh[i], s=9, color=f"C{i % 10}", lw=0, label=f"H{heads[i]}")
+    ax.axhline(0.0, color="0.5", lw=0.6)
+    ax.axvline(0.0, color="0.5", lw=0.6)
+    ax.set_xlim(-1.0, 1.0)
+    ax.set_xlabel("cos(u_r, v_r)", fontsize=7)
+    ax.set_ylabel("mean attention share", fontsize=7)
+    ax.tick_params(labelsize=6)
+    if title:
+        ax.set_title(title, fontsize=8)
+    if cos.shape[0] <= 12:
+        ax.legend(fontsize=5, markerscale=0.8, ncol=2, loc="upper left", frameon=False)
+    return fig or ax.figure
+
+
+def mode_importance_layers(cosines: Sequence, shares: Sequence, band: Optional[float] = None,
+                           names: Optional[Sequence[str]] = None, heads: Optional[Sequence] = None,
+                           max_cols: int = 4):
+    """:func:`mode_importance` for every layer on one figure (one panel per layer)."""
+    plt = _pyplot()
+    n = len(cosines)
+    cols, rows = _grid(n, max_cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), dpi=100, squeeze=False)
+    for i in range(rows * cols):
+        ax = axes[i // cols, i % cols]
+        if i >= n:
+            ax.axis("off")
+            continue
+        mode_importance(cosines[i], shares[i], band=band, ax=ax,
+                        heads=None if heads is None else heads[i],
+                        title=names[i] if names is not None else f"layer {i}")
+    fig.tight_layout()
+    return fig
+
+
+def share_by_sign(rows: Sequence[Dict[str, float]], ax=None, title: str = ""):
+    """Per layer (x = relative depth), the attention share carried by modes outside the band on
+    the similar side (cos > band), the dissimilar side (cos < −band) and inside it, from
+    :func:`share_summary` rows. Returns the figure."""
+    plt = _pyplot()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    x = relative_depth(len(rows))
+    for key, color, label in (("similar", "tab:red", "cos > band (similar tokens)"),
+                              ("dissimilar", "tab:blue", "cos < −band (dissimilar tokens)"),
+                              ("neutral", "0.5", "|cos| ≤ band")):
+        ax.plot(x, [r[key] for r in rows], "-o", ms=3, color=color, label=label)
+    ax.axhline(0.0, color="0.5", lw=0.6)
+    ax.set_xlabel("relative depth")
+    ax.set_ylabel("attention share (mean over heads)")
+    ax.set_title(title or "which modes carry the attention")
+    ax.legend(fontsize=7)
+    if fig is not None:
+        fig.tight_layout()
+    return fig or ax.figure
+
+
+# --------------------------------------------------------------------------- optimal images
+
+def overlay(image, qmap, kmap, dim: float = 0.5) -> np.ndarray:
+    """The paper's overlay: query map in red, key map in cyan (green + blue) over a dimmed grey
+    copy of ``image``, white where both are high.
+
+    image: (h, w, 3) floats in [0, 1] (or uint8). qmap, kmap: (h, w) in [0, 1] (see
+    :func:`normalize_map`). Returns (h, w, 3) float in [0, 1].
+    """
+    img = np.asarray(image, dtype=np.float64)
+    if img.max() > 1.0:
+        img = img / 255.0
+    gray = img[..., :3].mean(-1) if img.ndim == 3 else img
+    q = np.clip(np.asarray(qmap, dtype=np.float64), 0, 1)
+    k = np.clip(np.asarray(kmap, dtype=np.float64), 0, 1)
+    base = dim * gray * (1.0 - np.maximum(q, k))
+    return np.clip(np.stack([base + q, base + k, base + k], axis=-1), 0.0, 1.0)
+
+
+def normalize_map(values, size=None) -> np.ndarray:
+    """A map of mode coordinates (gh, gw) → [0, 1]: the positive part over its maximum (zeros
+    when nothing is positive), resized bilinearly to ``size`` = (h, w) when given."""
+    m = np.maximum(np.asarray(values, dtype=np.float64), 0.0)
+    top = m.max() if m.size else 0.0
+    m = m / top if top > 0 else np.zeros_like(m)
+    if size is not None and m.shape != tuple(size):
+        from PIL import Image
+        im = Image.fromarray(m.astype(np.float32), mode="F").resize((int(size[1]), int(size[0])), Image.BILINEAR)
+        m = np.clip(np.asarray(im, dtype=np.float64), 0.0, 1.0)
+    return m
+
+
+def _tile(image, size: int) -> np.ndarray:
+    arr = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, -1)
+    if arr.shape[:2] != (size, size):
+        from PIL import Image
+        im = Image.fromarray((arr[..., :3] * 255).round().astype(np.uint8)).resize((size, size), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.float64) / 255.0
+    return arr[..., :3]
+
+
+def optimal_images_grid(rows: Sequence[Dict], title: str = "", tile: int = 160, dpi: int = 100):
+    """The paper's Fig. 4 layout: one row per (mode, sign), each with its top images, the
+    image and beside it the query (red) / key (cyan) overlay, labelled with the row's mode name
+    and cosine and each image's score and name.
+
+    rows: dicts with ``label`` (e.g. "L1 H5 M0 +"), ``cosine`` and ``items``: dicts with
+    ``image`` ((h, w, 3) in [0, 1] or None when the file is missing), ``overlay`` (same, or None
+    when no maps), ``score`` and ``name``. Tiles are resized to ``tile`` pixels. Drawn as one
+    mosaic image (fast for many rows). Returns the figure.
+    """
+    plt = _pyplot()
+    k = max([len(r["items"]) for r in rows] + [1])
+    label_w, head_h, gap_pair, gap, top = 120, 16, 2, 10, (22 if title else 4)
+    row_h = tile + head_h + 4
+    width = label_w + k * (2 * tile + gap_pair) + (k - 1) * gap + 4
+    height = top + max(len(rows), 1) * row_h
+    mosaic = np.ones((height, width, 3))
+    texts = []
+    for i, row in enumerate(rows):
+        y = top + i * row_h + head_h
+        texts.append((6, y + tile / 2, f"{row['label']}\ncos {row['cosine']:+.2f}", 8, "left"))
+        for j, it in enumerate(row["items"]):
+            x = label_w + j * (2 * tile + gap_pair + gap)
+            for dx, key, placeholder in ((0, "image", "missing"), (tile + gap_pair, "overlay", "no map")):
+                if it.get(key) is None:
+                    mosaic[y:y + tile, x + dx:x + dx + tile] = 0.88
+                    texts.append((x + dx + tile / 2, y + tile / 2, placeholder, 7, "center"))
+                else:
+                    mosaic[y:y + tile, x + dx:x + dx + tile] = _tile(it[key], tile)
+            name = str(it.get("name", ""))
+            name = name if len(name) <= 22 else name[:21] + "…"
+            texts.append((x + tile / 2, y - 4, f"score {it['score']:.3g}", 7, "center"))
+            texts.append((x + tile + gap_pair + tile / 2, y - 4, name, 6, "center"))
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+    ax.set_axis_off()
+    for x, y, text, size, ha in texts:
+        va = "center" if ha == "left" or text in ("missing", "no map") else "bottom"
+        ax.text(x, y, text, fontsize=size, ha=ha, va=va)
+    if title:
+        ax.text(width / 2, 4, title, fontsize=9, ha="center", va="top")
+    return fig
+
+
+# --------------------------------------------------------------------------- training series
+
+def training_curves(steps, mean_cosine, weighted_cosine, drift=None, max_curves: int = 5):
+    """Training series: the layer curve (S-weighted solid, mean dashed) at up to ``max_curves``
+    steps (a negative step is labelled "start"), and, when ``drift`` is given, drift per layer over
+    steps: a (T, L) array, or a dict of them, e.g. {"query": ..., "key": ...} (drawn solid, dashed, ...).
+
+    steps: (T,). mean_cosine, weighted_cosine: (T, L). Returns the figure."""
+    plt = _pyplot()
+    steps = np.asarray(steps)
+    mc = np.asarray(mean_cosine, dtype=np.float64)
+    wc = np.asarray(weighted_cosine, dtype=np.float64)
+    T, L = wc.shape
+    if drift is not None and not isinstance(drift, dict):
+        drift = {"": drift}
+    pick = np.unique(np.linspace(0, T - 1, min(T, max_curves)).round().astype(int))
+    ncols = 2 if drift else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), dpi=100, squeeze=False)
+    ax = axes[0, 0]
+    x = relative_depth(L)
+    cmap = plt.get_cmap("viridis")
+    for j, t in enumerate(pick):
+        color = cmap(j / max(len(pick) - 1, 1))
+        ax.plot(x, wc[t], "-o", ms=3, color=color, label="start" if steps[t] < 0 else f"step {steps[t]}")
+        ax.plot(x, mc[t], "--", color=color, alpha=0.6)
+    ax.axhline(0.0, color="0.5", lw=0.8)
+    ax.set_xlabel("relative depth")
+    ax.set_ylabel("cosine (solid: S-weighted, dashed: mean)")
+    ax.set_title("layer curve over training")
+    ax.legend(fontsize=7)
+    if drift:
+        ax = axes[0, 1]
+        xs = np.maximum(steps, 0)
+        for (name, values), style in zip(drift.items(), ("-", "--", ":", "-.")):
+            d = np.asarray(values, dtype=np.float64)
+            for l in range(d.shape[1]):
+                label = f"L{l}" if style == "-" else None
+                ax.plot(xs, d[:, l], style, color=cmap(l / max(d.shape[1] - 1, 1)), lw=1, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("drift since start" + (f" ({', '.join(k for k in drift if k)})" if any(drift) else ""))
+        ax.set_title("drift per layer")
+        if L <= 12:
+            ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,279 @@
+"""Open a page in headless Chromium and report what a person would see go wrong.
+
+Drives Chromium over the DevTools protocol on a pipe (``--remote-debugging-pipe``: fd 3 carries
+commands to the browser, fd 4 its replies, each JSON message ended by a NUL byte), so it needs no
+Python package beyond the standard library and opens no network port. Networking is switched off
+as far as flags allow; a report page needs none.
+
+    check = check_page("report/index.html", screenshot="report.png")
+    check.console_errors   # console.error/assert calls, uncaught exceptions, failed loads
+    check.images           # [{"src", "naturalWidth", "complete"}] of every <img>
+
+Debian: ``apt-get install chromium``. ``QKPROBE_CHROMIUM`` names another binary.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import queue
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..errors import QKProbeError
+
+CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-extensions", "--disable-default-apps", "--mute-audio", "--hide-scrollbars",
+         "--no-default-browser-check", "--disable-dev-shm-usage")
+
+
+class BrowserError(QKProbeError):
+    """Chromium is missing or did not answer."""
+
+
+def find_chromium() -> Optional[str]:
+    """Path of a Chromium/Chrome binary (``QKPROBE_CHROMIUM`` first), or None."""
+    env = os.environ.get("QKPROBE_CHROMIUM")
+    if env:
+        return env if os.path.isfile(env) else shutil.which(env)
+    for name in CANDIDATES:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@dataclass
+class PageCheck:
+    url: str
+    title: str = ""
+    console_errors: List[str] = field(default_factory=list)
+    images: List[Dict[str, Any]] = field(default_factory=list)
+    screenshot: Optional[str] = None
+    size: Optional[Dict[str, float]] = None
+
+    @property
+    def broken_images(self) -> List[str]:
+        return [str(i.get("src")) for i in self.images if not i.get("naturalWidth")]
+
+    @property
+    def ok(self) -> bool:
+        return not self.console_errors and not self.broken_images
+
+
+class _Pipe:
+    """One DevTools connection over the browser's fds 3 and 4."""
+
+    def __init__(self, proc: subprocess.Popen, write_fd: int, read_fd: int):
+        self.proc, self.write_fd, self.read_fd = proc, write_fd, read_fd
+        self.messages: "queue.Queue[Optional[dict]]" = queue.Queue()
+        self.events: List[dict] = []
+        self._next = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        buf = b""
+        try:
+            while True:
+                chunk = os.read(self.read_fd, 1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+                while b"\0" in buf:
+                    raw, buf = buf.split(b"\0", 1)
+                    try:
+                        self.messages.put(json.loads(raw.decode("utf-8")))
+                    except ValueError:
+                        pass
+        except OSError:
+            pass
+        self.messages.put(None)
+
+    def call(self, method: str, params: Optional[dict] = None, session: Optional[str] = None,
+             timeout: float = 30.0) -> dict:
+        self._next += 1
+        msg: Dict[str, Any] = {"id": self._next, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        try:
+            os.write(self.write_fd, json.dumps(msg).encode("utf-8") + b"\0")
+        except OSError:
+            self.proc.poll()
+            raise BrowserError(f"Chromium is not running (exit code {self.proc.returncode}); it could not be "
+                               f"sent {method}.") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._get(deadline, method)
+            if reply.get("id") == self._next:
+                if "error" in reply:
+                    raise BrowserError(f"Chromium refused {method}: {reply['error'].get('message')}.")
+                return reply.get("result", {})
+            self.events.append(reply)
+
+    def wait_event(self, method: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        if any(e.get("method") == method for e in self.events):
+            return True
+        while time.monotonic() < deadline:
+            try:
+                reply = self._get(deadline, method)
+            except BrowserError:
+                return False
+            self.events.append(reply)
+            if reply.get("method") == method:
+                return True
+        return False
+
+    def drain(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                msg = self.messages.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return
+            if msg is None:
+                return
+            self.events.append(msg)
+
+    def _get(self, deadline: float, what: str) -> dict:
+        try:
+            msg = self.messages.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            raise BrowserError(f"Chromium did not answer {what} in time.") from None
+        if msg is None:
+            raise BrowserError(f"Chromium exited while waiting for {what} (exit code {self.proc.poll()}).")
+        return msg
+
+
+def _high_fd(fd: int) -> int:
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return new
+
+
+def _errors(events: List[dict], session: str) -> List[str]:
+    out = []
+    for e in events:
+        if e.get("sessionId") != session:
+            continue
+        m, p = e.get("method"), e.get("params", {})
+        if m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+            args = [str(a.get("value", a.get("description", ""))) for a in p.get("args", [])]
+            out.append(f"console.{p.get('type')}: {' '.join(args)}")
+        elif m == "Runtime.exceptionThrown":
+            d = p.get("exceptionDetails", {})
+            out.append(f"uncaught: {d.get('exception', {}).get('description') or d.get('text')}")
+        elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
+            entry = p["entry"]
+            out.append(f"{entry.get('source')}: {entry.get('text')} {entry.get('url', '')}".strip())
+    return out
+
+
+_IMAGES_JS = ("JSON.stringify(Array.from(document.images).map(i => ({src: i.getAttribute('src'), "
+              "naturalWidth: i.naturalWidth, complete: i.complete})))")
+
+
+def check_page(page, screenshot: Optional[str] = None, *, width: int = 1280, max_height: int = 16000,
+               clip_height: Optional[int] = None, timeout: float = 60.0, settle: float = 0.5,
+               chromium: Optional[str] = None) -> PageCheck:
+    """Load ``page`` (a file path or a file:// or http://127.0.0.1 URL) in headless Chromium.
+
+    Returns the console errors (``console.error``/``assert``, uncaught exceptions, resources that
+    failed to load), every ``<img>``'s naturalWidth, and writes a PNG screenshot of the whole
+    page (or its top ``clip_height`` CSS pixels) when ``screenshot`` is given.
+    """
+    binary = chromium or find_chromium()
+    if not binary:
+        raise BrowserError("No Chromium found; install it (Debian: apt-get install chromium) or set "
+                           "QKPROBE_CHROMIUM to the browser binary.")
+    url = str(page)
+    if "://" not in url:
+        url = Path(page).resolve().as_uri()
+    profile = tempfile.mkdtemp(prefix="qkprobe-chromium-")
+    to_r, to_w = os.pipe()
+    from_r, from_w = os.pipe()
+    to_r, to_w, from_r, from_w = (_high_fd(f) for f in (to_r, to_w, from_r, from_w))
+
+    def child_fds():  # runs in the child before exec: its fd 3 reads our commands, fd 4 answers
+        os.dup2(to_r, 3)
+        os.dup2(from_w, 4)
+
+    args = [binary, *FLAGS, f"--window-size={width},900", f"--user-data-dir={profile}",
+            "--remote-debugging-pipe", "about:blank"]
+    log = open(os.path.join(profile, "chromium-stderr.log"), "wb")
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=log, preexec_fn=child_fds, close_fds=False)
+    # close_fds=False keeps the fds 3 and 4 made by child_fds (pass_fds fails when the parent has no
+    # fd 3 or 4 open); Python's own fds are not inheritable (PEP 446), so nothing else leaks.
+    os.close(to_r)
+    os.close(from_w)
+    pipe = _Pipe(proc, to_w, from_r)
+    result = PageCheck(url=url)
+    try:
+        target = pipe.call("Target.createTarget", {"url": "about:blank"}, timeout=timeout)["targetId"]
+        session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Runtime", "Log", "Page"):
+            pipe.call(f"{domain}.enable", session=session)
+        pipe.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": 900, "deviceScaleFactor": 1,
+                                                         "mobile": False}, session=session)
+        pipe.events.clear()
+        pipe.call("Page.navigate", {"url": url}, session=session, timeout=timeout)
+        if not pipe.wait_event("Page.loadEventFired", timeout):
+            raise BrowserError(f"{url} did not finish loading within {timeout:.0f} s.")
+        pipe.drain(settle)
+        value = pipe.call("Runtime.evaluate", {"expression": _IMAGES_JS, "returnByValue": True},
+                          session=session)["result"].get("value", "[]")
+        result.images = json.loads(value)
+        result.title = str(pipe.call("Runtime.evaluate", {"expression": "document.title", "returnByValue": True},
+                                     session=session)["result"].get("value", ""))
+        metrics = pipe.call("Page.getLayoutMetrics", session=session)
+        size = metrics.get("cssContentSize") or metrics.get("contentSize") or {}
+        result.size = {"width": size.get("width", width), "height": size.get("height", 900)}
+        if screenshot:
+            height = int(min(max_height, clip_height or result.size["height"], result.size["height"]))
+            pipe.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": max(height, 1),
+                                                             "deviceScaleFactor": 1, "mobile": False},
+                      session=session)
+            pipe.drain(0.2)
+            shot = pipe.call("Page.captureScreenshot",
+                             {"format": "png", "captureBeyondViewport": True,
+                              "clip": {"x": 0, "y": 0, "width": width, "height": max(height, 1), "scale": 1}},
+                             session=session, timeout=timeout)
+            Path(screenshot).write_bytes(base64.b64decode(shot["data"]))
+            result.screenshot = str(screenshot)
+        pipe.drain(0.05)
+        result.console_errors = _errors(pipe.events, session)
+        try:
+            pipe.call("Browser.close", timeout=5)
+        except BrowserError:
+            pass
+    except BrowserError as exc:
+        log.flush()
+        tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-3:]
+        raise BrowserError(f"{exc} Chromium said: {' | '.join(tail) or 'nothing'}") from None
+    finally:
+        log.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        for fd in (to_w, from_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        shutil.rmtree(profile, ignore_errors=True)
+    return result
