@@ -179,3 +179,33 @@ def test_swin_windows_fold_to_one_row_per_image(tmp_path):
     run = qkprobe.open_run(path)
     assert len(run) == 2 and run.stats(0).shape[0] == 2
     run.close()
+
+
+def test_torch_compile_model_gives_the_same_statistics():
+    model = small_vit()
+    x = batches(1)[0]
+    with qkprobe.attach(model) as eager:
+        with torch.no_grad():
+            model(x)
+    compiled = torch.compile(model)
+    with qkprobe.attach(compiled) as probe:
+        with torch.no_grad():
+            compiled(x)
+    assert probe.samples == 3
+    for i in range(2):
+        np.testing.assert_allclose(probe.aggregates(i).mean.numpy(), eager.aggregates(i).mean.numpy(),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_nonfinite_activations_are_counted_per_layer(tmp_path):
+    model = small_vit()
+    with torch.no_grad():
+        model.blocks[1].norm1.weight[3] = float("inf")
+    path = str(tmp_path / "nan.h5")
+    with qkprobe.attach(model, path):
+        with torch.no_grad():
+            model(batches(1)[0])
+    with qkprobe.open_run(path) as run:
+        assert int(run.snapshot(0, "nonfinite_values")) == 0
+        assert int(run.snapshot(1, "nonfinite_values")) > 0
+        assert len(run) == 3

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..adapters.discover import AttentionSite, find_attention, prefix_tokens
 from ..bases import LayerBases, layer_bases
-from ..core.stats import STAT_INDEX, STAT_NAMES, count_nonfinite, mode_statistics
+from ..core.stats import STAT_INDEX, STAT_NAMES, mode_statistics
 from ..core.streaming import Aggregates, TopKSamples
 from ..distributed import finish_shards, rank_and_world, shard_path
 from .coordinates import capture_qk, coordinates_from_qk
@@ -250,7 +250,8 @@ class Probe:
                                  attn_bias=None if bias is None else bias.float())
             if l.heads is not None:
                 st = st.index_select(1, l.heads.to(st.device))
-            l.nonfinite += count_nonfinite(a, b)
+            # a device tensor: no host sync per layer (read at commit time)
+            l.nonfinite = l.nonfinite + (~torch.isfinite(a)).sum() + (~torch.isfinite(b)).sum()
             l.pending.append(st.float())
 
     def _on_forward_end(self, module, args, output):
@@ -283,7 +284,7 @@ class Probe:
                 rows.append(st.cpu().numpy() if self.options.per_sample else None)
                 snap = {f"topk_{k}": v for k, v in l.topk.state_dict().items()}
                 snap.update({f"agg_{k}": v for k, v in l.agg.state_dict().items()})
-                snap["nonfinite_values"] = np.int64(l.nonfinite)
+                snap["nonfinite_values"] = np.int64(int(l.nonfinite))
                 snaps.append(snap)
         self.samples += B
         if self.writer is not None:

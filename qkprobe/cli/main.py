@@ -21,6 +21,8 @@ def _subcommands():
         mods.append(run_cmd)
     except ImportError:  # pragma: no cover - run command not built yet
         pass
+    from . import report_cmd; mods.append(report_cmd)  # noqa: E702
+    from . import merge_cmd; mods.append(merge_cmd)  # noqa: E702
     return mods
 
 

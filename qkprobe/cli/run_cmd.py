@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 from ..errors import RunFileError
 from .common import add_model_args, load_from_args
@@ -36,6 +38,8 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("recover", help="make a run file left open by a crash readable again")
     p.add_argument("file")
+    p.add_argument("--force", action="store_true",
+                   help="recover even if the writer recorded in the file seems alive (pid reused)")
     p.set_defaults(func=recover)
 
 
@@ -44,10 +48,16 @@ def _cache_dir() -> str:
     return os.path.join(base, "qkprobe", "skimage")
 
 
-def _check_out(args) -> None:
+def _check_out(args, group=None) -> None:
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         raise RunFileError(f"The output folder {folder} does not exist; create it or choose another --out.")
+    if group is not None:
+        return _check_out_distributed(args, group)
+    shards = _metadata(args.out).get("merged_from") if args.resume and os.path.exists(args.out) else None
+    if shards:
+        raise RunFileError(f"{args.out} was merged from {len(shards)} shards; resume it under torchrun with "
+                           f"--nproc_per_node {len(shards)}.")
     if os.path.exists(args.out) and not args.resume:
         raise RunFileError(f"{args.out} already exists; pass --resume to continue it or choose another --out.")
     if args.resume and not os.path.exists(args.out):
@@ -69,15 +79,97 @@ def _check_resumable(path: str, meta: dict, options: dict) -> None:
                            f"pass the options it was started with or start a new file.")
 
 
+# ---- torchrun: one shard per rank, merged by rank 0 (qkprobe/distributed.py) -------------------
+
+@dataclass
+class _Group:
+    rank: int
+    world: int
+    owned: bool   # this command initialized the process group (and destroys it)
+
+
+def _start_distributed(args) -> Optional[_Group]:
+    """Under torchrun (RANK, WORLD_SIZE > 1, LOCAL_RANK set): join the process group, gloo on CPU,
+    nccl with a CUDA --device (bare ``cuda`` becomes ``cuda:<LOCAL_RANK>``). None otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "RANK" not in os.environ:
+        return None
+    import torch
+    import torch.distributed as dist
+    cuda = str(args.device).startswith("cuda")
+    if cuda:
+        if args.device == "cuda":
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(args.device))
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return _Group(dist.get_rank(), dist.get_world_size(), owned)
+
+
+def _stop_distributed(group: Optional[_Group]) -> None:
+    if group is not None and group.owned:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _metadata(path: str) -> dict:
+    from ..sinks.hdf5_writer import read_metadata
+    return read_metadata(path)
+
+
+def _check_out_distributed(args, group: _Group) -> None:
+    from ..distributed import shard_paths
+    shards = shard_paths(args.out)
+    if not args.resume:
+        existing = ([args.out] if os.path.exists(args.out) else []) + list(shards.values())
+        if existing:
+            raise RunFileError(f"{existing[0]} already exists; pass --resume to continue it or choose "
+                               f"another --out.")
+        return
+    if not shards and not os.path.exists(args.out):
+        raise RunFileError(f"There is no {args.out} nor any of its shards to resume; run without --resume to "
+                           f"start it.")
+    if os.path.exists(args.out) and "merged_from" not in _metadata(args.out):
+        raise RunFileError(f"{args.out} was written by a single process; resume it without torchrun.")
+    extra = [r for r in shards if r >= group.world]
+    if extra:
+        raise RunFileError(f"{args.out} has a shard of rank {max(extra)}, more ranks than the {group.world} "
+                           f"of this run; resume it with --nproc_per_node {max(extra) + 1}.")
+
+
+def _done_in_shards(args, meta: dict, options: dict) -> set:
+    """Ids (and skipped inputs) committed in any shard of ``args.out``: every rank skips them,
+    so a resume writes each missing image exactly once whichever rank had it before."""
+    from ..distributed import shard_paths
+    from ..sinks.run_file import open_run
+    done = set()
+    for path in shard_paths(args.out).values():
+        _check_resumable(path, meta, options)
+        with open_run(path) as run:
+            done.update(run.ids)
+            done.update(s for s, _ in run.skipped)
+    return done
+
+
 def run(args) -> int:
+    group = _start_distributed(args)
+    try:
+        return _run(args, group)
+    finally:
+        _stop_distributed(group)
+
+
+def _run(args, group: Optional[_Group]) -> int:
     import torch
     from tqdm import tqdm
 
     from ..capture.probe import ProbeOptions, attach
     from ..data import list_images, make_loader, skimage_images
+    from ..distributed import split
     from ..metadata import versions
 
-    _check_out(args)
+    _check_out(args, group)
     if args.images or args.list:
         paths = list_images(images_dir=args.images, list_file=args.list)
     else:
@@ -90,7 +182,16 @@ def run(args) -> int:
     options = ProbeOptions(top_samples=args.topk, topk=args.topk_mean, per_sample=not args.no_per_sample,
                            include_prefix=args.include_prefix, store_dtype=args.store_dtype)
     meta["versions"] = versions()
-    if args.resume:
+    done = set()
+    if group is not None:
+        import torch.distributed as dist
+        if args.resume:
+            done = _done_in_shards(args, meta, options.record())
+        paths = [p for p in paths if p not in done]
+        todo = len(paths)
+        paths = split(paths, group.rank, group.world)
+        dist.barrier()   # every rank has checked and read the shards before any opens its own
+    elif args.resume:
         _check_resumable(args.out, meta, options.record())
         from ..sinks.run_file import open_run
         with open_run(args.out) as done_run:
@@ -99,7 +200,8 @@ def run(args) -> int:
     probe = attach(model, args.out, options=options, metadata=meta, resume=args.resume)
     loader = make_loader(paths, transform, batch_size=args.batch_size, workers=args.workers)
     t0, seen = time.perf_counter(), 0
-    bar = tqdm(total=len(paths), unit="img", disable=args.no_progress, desc="qkprobe run")
+    lead = group is None or group.rank == 0
+    bar = tqdm(total=len(paths), unit="img", disable=args.no_progress or not lead, desc="qkprobe run")
     try:
         with torch.no_grad():
             for images, batch_paths, ok, reasons in loader:
@@ -112,13 +214,21 @@ def run(args) -> int:
                     model(images[keep].to(args.device))
                 seen += len(batch_paths)
                 if args.verbose:
-                    print(f"committed {probe.writer.acknowledged}", flush=True)
+                    where = "" if group is None else f"rank {group.rank} "
+                    print(f"{where}committed {probe.writer.acknowledged}", flush=True)
                 bar.update(len(batch_paths))
                 bar.set_postfix(img_s=f"{seen / (time.perf_counter() - t0):.1f}")
     finally:
         bar.close()
-        probe.close()
-    print(f"wrote {probe.samples} images to {args.out} ({seen / (time.perf_counter() - t0):.1f} img/s)")
+        probe.close()   # under torchrun: barrier, rank 0 merges the shards into args.out
+    if group is None:
+        print(f"wrote {probe.samples} images to {args.out} ({seen / (time.perf_counter() - t0):.1f} img/s)")
+    elif group.rank == 0:
+        from ..sinks.run_file import open_run
+        with open_run(args.out) as merged:
+            rows = len(merged)
+        print(f"wrote {rows} images to {args.out} from {group.world} ranks "
+              f"({todo / (time.perf_counter() - t0):.1f} img/s)")
     return 0
 
 
@@ -142,6 +252,6 @@ def inspect(args) -> int:
 
 def recover(args) -> int:
     from ..sinks.recover import recover as do_recover
-    rows = do_recover(args.file)
+    rows = do_recover(args.file, force=args.force)
     print(f"{args.file}: readable, {rows} committed rows kept")
     return 0
