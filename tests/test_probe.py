@@ -126,6 +126,8 @@ def test_every_heads_layers_and_no_per_sample(tmp_path):
     run = qkprobe.open_run(path)
     assert len(run) == 6 and run.layer_names == ["blocks.1.attn"]
     assert run.stats(0).shape == (6, 2, 64, len(STAT_NAMES))
+    attrs = run.layer_attrs(0)
+    assert attrs["heads"] == [0, 2] and attrs["extras"] == [] and attrs["prefix_tokens"] == 1
     run.close()
     # the same samples without per-sample rows: aggregates agree
     path2 = str(tmp_path / "r2.h5")

@@ -159,7 +159,8 @@ class Probe:
             snap.update({f"agg_{k}": (v.shape, v.dtype) for k, v in l.agg.state_dict().items()})
             snap["nonfinite_values"] = ((), np.dtype(np.int64))
             attrs = {k: v for k, v in bases_attrs(l.bases).items() if k != "name"}
-            attrs["heads"] = json.dumps(None if l.heads is None else l.heads.tolist())
+            attrs.update(extras=sorted(l.bases.extras), notes=list(l.bases.notes),
+                         heads=None if l.heads is None else l.heads.tolist())
             H = l.bases.num_heads
             series = {"S": ((H, R), np.float32), "cosine": ((H, R), np.float32), "drift_q": ((H,), np.float32),
                       "drift_k": ((H,), np.float32), "nonfinite_weights": ((), np.int8)}
@@ -221,6 +222,10 @@ class Probe:
     def aggregates(self, layer: int) -> Aggregates:
         return self.layers[layer].agg
 
+    def nonfinite(self) -> Dict[str, int]:
+        """Non-finite mode coordinates seen so far, per layer name (only layers with any)."""
+        return {l.site.name: int(l.nonfinite) for l in self.layers if int(l.nonfinite)}
+
     # ------------------------------------------------------------------ hooks
     def _on_forward_start(self, module, args, kwargs):
         if self.paused:
@@ -267,7 +272,8 @@ class Probe:
         B = next(l.pending[0].shape[0] for l in self.layers if l.pending)
         if self._batch and B != self._batch and B % self._batch == 0:
             B = self._batch  # windowed attention sees B · windows rows
-        ids = self._ids if self._ids is not None else [str(self.samples + j) for j in range(B)]
+        prefix = f"rank{self.rank}:" if self.world > 1 else ""  # default ids stay unique across shards
+        ids = self._ids if self._ids is not None else [f"{prefix}{self.samples + j}" for j in range(B)]
         self._ids = None
         if len(ids) != B:
             raise ValueError(f"set_ids gave {len(ids)} ids for a batch of {B} samples")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -221,6 +222,9 @@ def _run(args, group: Optional[_Group]) -> int:
     finally:
         bar.close()
         probe.close()   # under torchrun: barrier, rank 0 merges the shards into args.out
+    for name, count in probe.nonfinite().items():
+        print(f"warning: {count} non-finite mode coordinates (NaN/Inf activations) in {name}; "
+              f"counted in the file, the run went on", file=sys.stderr)
     if group is None:
         print(f"wrote {probe.samples} images to {args.out} ({seen / (time.perf_counter() - t0):.1f} img/s)")
     elif group.rank == 0:
