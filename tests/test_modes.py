@@ -51,8 +51,28 @@ def test_signs_are_canonical_and_deterministic():
     W_q, W_k = rand(2, 8, 32, seed=1), rand(2, 8, 32, seed=2)
     m1, m2 = qk_modes(W_q, W_k), qk_modes(-W_q, -W_k)  # same product, SVD may flip signs
     assert torch.allclose(m1.U, m2.U) and torch.allclose(m1.V, m2.V)
-    idx = m1.U.abs().argmax(-2, keepdim=True)
-    assert (torch.gather(m1.U, -2, idx) > 0).all()
+    from qkprobe.core.modes import sign_probe
+    assert (torch.einsum("hdm,d->hm", m1.U, sign_probe(32)) > 0).all()
+
+
+def test_ill_conditioned_weights_take_the_householder_route_and_stay_exact():
+    """Cholesky-QR squares the condition number; past the orthogonality check the Householder
+    QR route takes over. Both must equal the full SVD."""
+    W_q, W_k = rand(2, 8, 40, seed=1), rand(2, 8, 40, seed=2)
+    W_q[:, 1] = W_q[:, 0] + 1e-7 * rand(2, 40, seed=3)  # nearly parallel rows: cond(W_q) ~ 1e7
+    from qkprobe.core import modes
+    calls = []
+    real_qr = torch.linalg.qr
+    torch.linalg.qr = lambda *a, **k: calls.append(1) or real_qr(*a, **k)
+    try:
+        m = qk_modes(W_q, W_k)
+    finally:
+        torch.linalg.qr = real_qr
+    assert calls  # the fallback ran
+    U, S, V = full_svd_modes(W_q, W_k)
+    assert (m.S - S).abs().max() < 1e-8 * S.max()
+    assert (m.cosine - (U * V).sum(-2)).abs().max() < 1e-8
+    assert (m.U.transpose(-1, -2) @ m.U - torch.eye(8, dtype=torch.float64)).abs().max() < 1e-10
 
 
 def test_rank_deficient_head_gets_zero_coordinates_not_nan():

@@ -8,7 +8,8 @@ with ``W_q`` (R, D) and ``W_k`` (R, D') (R = head_dim; D' = D for self-attention
 part ``x_iᵀ W_qᵀ W_k x_j`` has rank ≤ R. Its SVD ``W_qᵀ W_k = U S Vᵀ`` is computed without the
 D × D' matrix:
 
-    W_qᵀ = Q_q R_q,  W_kᵀ = Q_k R_k        (reduced QR, Q: (D, R), R: (R, R))
+    W_qᵀ = Q_q R_q,  W_kᵀ = Q_k R_k        (reduced QR, Q: (D, R), R: (R, R); Cholesky-QR of
+                                            the R × R Gram matrices, Householder as fallback)
     W_qᵀ W_k = Q_q (R_q R_kᵀ) Q_kᵀ,  R_q R_kᵀ = U_c S V_cᵀ   (SVD of the R × R core)
     U = Q_q U_c,  V = Q_k V_c.
 
@@ -66,19 +67,21 @@ class QKModes:
     key_bias_term: Tensor
 
 
-def _canonical_signs(U: Tensor, V: Tensor, *rest: Tensor):
-    """Flip (u_r, v_r) pairs together so that u_r's largest-magnitude entry is positive.
+def sign_probe(D: int, dtype=torch.float64, device=None) -> Tensor:
+    """The fixed vector w (D,) that sets the signs of the modes: u_r · w > 0 for every mode.
 
-    The SVD leaves each pair's sign free; fixing it makes results reproducible across runs,
-    devices and solvers. Flipping both keeps s_r u_r v_rᵀ unchanged. ``rest`` are tensors whose
-    last axis is the mode axis and flip with u_r (coordinates and offsets of the query side and of
-    the key side flip the same way).
+    The SVD leaves each pair (u_r, v_r) free up to a common sign; fixing it makes results
+    reproducible across runs, devices and solvers (flipping both keeps s_r u_r v_rᵀ). A fixed
+    generic vector (seeded Gaussian) gives a rule that needs only R × R work: u_r · w =
+    x_rᵀ (W_q w) with U = W_qᵀ X.
     """
-    idx = U.abs().argmax(dim=-2, keepdim=True)  # (H, 1, M)
-    sign = torch.sign(torch.gather(U, -2, idx))  # (H, 1, M)
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return (U * sign, V * sign) + tuple(t * sign.squeeze(-2).unsqueeze(-2) if t.dim() == 3
-                                        else t * sign.squeeze(-2) for t in rest)
+    g = torch.Generator().manual_seed(20240522)
+    return torch.randn(D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _signs(proj: Tensor) -> Tensor:
+    """(H, M) ±1 from the projections u_r · w (0 counts as +)."""
+    return torch.where(proj < 0, -torch.ones_like(proj), torch.ones_like(proj))
 
 
 @contextmanager
@@ -126,24 +129,68 @@ def _qk_modes(W_q, W_k, b_q, b_k, rtol) -> QKModes:
     b_k = torch.zeros(H, R, dtype=torch.float64, device=W_q.device) if b_k is None \
         else b_k.detach().to(torch.float64).reshape(H, R)
 
-    Q_q, R_q = torch.linalg.qr(W_q.transpose(-1, -2))  # (H, D, m), (H, m, R)
-    Q_k, R_k = torch.linalg.qr(W_k.transpose(-1, -2))  # (H, Dk, m'), (H, m', R)
-    core = R_q @ R_k.transpose(-1, -2)  # (H, m, m')
-    U_c, S, V_ch = torch.linalg.svd(core, full_matrices=False)
-    U = Q_q @ U_c  # (H, D, M)
-    V = Q_k @ V_ch.transpose(-1, -2)  # (H, Dk, M)
-
+    U, S, V, U_c, V_c, R_q, R_k = _low_rank_svd(W_q, W_k)
     keep = S > rtol * S[:, :1].clamp_min(torch.finfo(S.dtype).tiny)
     inv_s = torch.where(keep, 1.0 / S.where(keep, torch.ones_like(S)), torch.zeros_like(S))
-    coord_q = (W_k @ V) * inv_s.unsqueeze(-2)  # (H, R, M): columns W_k v_r / s_r
-    coord_k = (W_q @ U) * inv_s.unsqueeze(-2)  # (H, R, M): columns W_q u_r / s_r
+    # W_k v_r = R_kᵀ Q_kᵀ Q_k v_c,r = R_kᵀ v_c,r: R × R work instead of R × D
+    coord_q = (R_k.transpose(-1, -2) @ V_c) * inv_s.unsqueeze(-2)  # (H, R, M): columns W_k v_r / s_r
+    coord_k = (R_q.transpose(-1, -2) @ U_c) * inv_s.unsqueeze(-2)  # (H, R, M): columns W_q u_r / s_r
     a_off = torch.einsum("hr,hrm->hm", b_q, coord_q)
     b_off = torch.einsum("hr,hrm->hm", b_k, coord_k)
-    U, V, coord_q, coord_k, a_off, b_off = _canonical_signs(U, V, coord_q, coord_k, a_off, b_off)
     cosine = (U * V).sum(dim=-2) if D == Dk else None
     key_bias_term = torch.einsum("hr,hrd->hd", b_q, W_k)
     return QKModes(U=U, S=S, V=V, cosine=cosine, coord_q=coord_q, coord_k=coord_k,
                    a_offset=a_off, b_offset=b_off, key_bias_term=key_bias_term)
+
+
+def _cholesky_r(W: Tensor):
+    """Upper-triangular R with W Wᵀ = Rᵀ R, so that Wᵀ = Q R with Q = Wᵀ R⁻¹ orthonormal
+    (Cholesky-QR). W (H, R, D) → (R (H, R, R), Gram W Wᵀ), or (None, None) when W Wᵀ is not
+    positive definite."""
+    G = W @ W.transpose(-1, -2)
+    L, info = torch.linalg.cholesky_ex(G)
+    return (None, None) if bool((info != 0).any()) else (L.transpose(-1, -2), G)
+
+
+def _orthonormality_error(X: Tensor, G: Tensor) -> float:
+    """max |UᵀU − I| for U = Wᵀ X, from the Gram matrix G = W Wᵀ: UᵀU = Xᵀ G X (R × R work)."""
+    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    return float((X.transpose(-1, -2) @ G @ X - eye).abs().max())
+
+
+def _low_rank_svd(W_q: Tensor, W_k: Tensor, orth_tol: float = 1e-9):
+    """SVD of W_qᵀ W_k through the R × R core R_q R_kᵀ, where W_qᵀ = Q_q R_q, W_kᵀ = Q_k R_k.
+
+    The R factors come from Cholesky-QR (R × R Gram matrices; Q never formed: U = W_qᵀ R_q⁻¹ U_c)
+    and, when that loses orthogonality (Cholesky squares the condition number) or the Gram
+    matrix is singular, from Householder QR. Returns U (H, D, M), S (H, M), V (H, Dk, M), the
+    core's U_c, V_c (H, m, M) and R_q, R_k (H, m, R).
+    """
+    (R_q, G_q), (R_k, G_k) = _cholesky_r(W_q), _cholesky_r(W_k)
+    if R_q is not None and R_k is not None:
+        U_c, S, V_ch = torch.linalg.svd(R_q @ R_k.transpose(-1, -2), full_matrices=False)
+        V_c = V_ch.transpose(-1, -2)
+        X_q = torch.linalg.solve_triangular(R_q, U_c, upper=True)
+        X_k = torch.linalg.solve_triangular(R_k, V_c, upper=True)
+        if max(_orthonormality_error(X_q, G_q), _orthonormality_error(X_k, G_k)) <= orth_tol:
+            w = sign_probe(W_q.shape[-1], W_q.dtype, W_q.device)
+            sign = _signs((X_q * (W_q @ w).unsqueeze(-1)).sum(-2)).unsqueeze(-2)  # (H, 1, M)
+            X_q, X_k, U_c, V_c = X_q * sign, X_k * sign, U_c * sign, V_c * sign
+            # built as (H, M, D) so reductions over D (sign canonicalization) run contiguously
+            U = (X_q.transpose(-1, -2) @ W_q).transpose(-1, -2)
+            V = (X_k.transpose(-1, -2) @ W_k).transpose(-1, -2)
+            return U, S, V, U_c, V_c, R_q, R_k
+    Q_q, R_q = torch.linalg.qr(W_q.transpose(-1, -2))  # (H, D, m), (H, m, R)
+    Q_k, R_k = torch.linalg.qr(W_k.transpose(-1, -2))  # (H, Dk, m'), (H, m', R)
+    U_c, S, V_ch = torch.linalg.svd(R_q @ R_k.transpose(-1, -2), full_matrices=False)
+    U_c, V_c = _align_signs(Q_q @ U_c, U_c, V_ch.transpose(-1, -2))
+    return Q_q @ U_c, S, Q_k @ V_c, U_c, V_c, R_q, R_k
+
+
+def _align_signs(U: Tensor, *factors: Tensor):
+    """Flip the columns of ``factors`` so that u_r · w > 0 (U (H, D, M), factors (H, ·, M))."""
+    sign = _signs(U.transpose(-1, -2) @ sign_probe(U.shape[-2], U.dtype, U.device)).unsqueeze(-2)
+    return tuple(f * sign for f in factors)
 
 
 def full_svd_modes(W_q: Tensor, W_k: Tensor):
@@ -156,7 +203,7 @@ def full_svd_modes(W_q: Tensor, W_k: Tensor):
     M = W_q.detach().to(torch.float64).transpose(-1, -2) @ W_k.detach().to(torch.float64)
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     U, S, V = U[..., :R], S[..., :R], Vh[..., :R, :].transpose(-1, -2)
-    U, V = _canonical_signs(U, V)
+    U, V = _align_signs(U, U, V)
     return U, S, V
 
 
