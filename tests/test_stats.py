@@ -190,3 +190,18 @@ def test_count_nonfinite():
     b[3] = float("-inf")
     assert count_nonfinite(a, b) == 3
     assert count_nonfinite(a) == 1
+
+
+def test_chunked_top_sum_equals_topk_for_many_shapes_and_ties():
+    from qkprobe.core.stats import _top_sum
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 14, 49, 50, 196, 197, 256):
+        for k in (1, 3, 5, 16):
+            if k > n:
+                continue
+            x = torch.randn(3, 4, n, generator=g)
+            x[0, 0, : n // 2] = 1.5  # ties across chunks
+            ref = torch.topk(x, k, dim=-1).values.sum(-1)
+            assert torch.allclose(_top_sum(x, k), ref, atol=1e-5), (n, k)
+            xt = torch.randn(2, n + 1, 3, generator=g).transpose(-1, -2)[..., 1:]  # strided view
+            assert torch.allclose(_top_sum(xt, k), torch.topk(xt, k, dim=-1).values.sum(-1), atol=1e-5)

@@ -255,8 +255,9 @@ class Probe:
                                  attn_bias=None if bias is None else bias.float())
             if l.heads is not None:
                 st = st.index_select(1, l.heads.to(st.device))
-            # a device tensor: no host sync per layer (read at commit time)
-            l.nonfinite = l.nonfinite + (~torch.isfinite(a)).sum() + (~torch.isfinite(b)).sum()
+            # NaN/Inf in q or k reach the statistics: count non-finite statistics, a device
+            # tensor (no host sync per layer; read at commit time)
+            l.nonfinite = l.nonfinite + (~torch.isfinite(st)).sum()
             l.pending.append(st.float())
 
     def _on_forward_end(self, module, args, output):

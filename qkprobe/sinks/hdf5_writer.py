@@ -146,6 +146,8 @@ class RunWriter:
         self._seen = set(self._existing_ids) if self.id_is_unique else set()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(queue_size)))
         self._tickets = 0
+        #: seconds the caller spent blocked on a full queue: > 0 means the writer did not keep up
+        self.blocked_seconds = 0.0
         self._error: Optional[RunFileError] = None
         self._error_reported = False
         self._closed = False
@@ -491,6 +493,18 @@ class RunWriter:
         return int(step), out
 
     def _put(self, item, check_failed: bool = True) -> None:
+        start = time.perf_counter()
+        try:
+            self._queue.put_nowait(item)
+            return
+        except queue.Full:
+            pass
+        try:
+            self._put_waiting(item, check_failed)
+        finally:
+            self.blocked_seconds += time.perf_counter() - start
+
+    def _put_waiting(self, item, check_failed: bool) -> None:
         while True:
             if check_failed:
                 self._raise_if_failed()
