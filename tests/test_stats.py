@@ -199,9 +199,11 @@ def test_chunked_top_sum_equals_topk_for_many_shapes_and_ties():
         for k in (1, 3, 5, 16):
             if k > n:
                 continue
-            x = torch.randn(3, 4, n, generator=g)
-            x[0, 0, : n // 2] = 1.5  # ties across chunks
-            ref = torch.topk(x, k, dim=-1).values.sum(-1)
-            assert torch.allclose(_top_sum(x, k), ref, atol=1e-5), (n, k)
-            xt = torch.randn(2, n + 1, 3, generator=g).transpose(-1, -2)[..., 1:]  # strided view
-            assert torch.allclose(_top_sum(xt, k), torch.topk(xt, k, dim=-1).values.sum(-1), atol=1e-5)
+            x = torch.randn(3, n, 4, generator=g)  # (..., N, R): tokens on dim -2
+            x[0, : n // 2, 0] = 1.5  # ties across chunks
+            x[1, : n // 2, 1] = -1.5
+            for largest in (True, False):
+                ref = torch.topk(x, k, dim=-2, largest=largest).values.sum(-2)
+                assert torch.allclose(_top_sum(x, k, largest), ref, atol=1e-5), (n, k, largest)
+            xs = torch.randn(2, n + 2, 3, generator=g)[:, 2:]  # a prefix-sliced view
+            assert torch.allclose(_top_sum(xs, k), torch.topk(xs, k, dim=-2).values.sum(-2), atol=1e-5)

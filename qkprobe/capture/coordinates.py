@@ -55,17 +55,10 @@ class ModeCoordinates:
 
 
 def coordinates_from_qk(q: Tensor, k: Tensor, bases: LayerBases, dtype: torch.dtype = torch.float32):
-    """a = q @ coord_q, b = k @ coord_k per head. q (B, H, N, R), k (B, H, Nk, R) → (B, H, ·, R).
-
-    The results are stored token-last, (B, H, R, N) in memory, and returned as transposed views:
-    the statistics reduce over tokens, which then runs over contiguous memory (and the matmul
-    is faster this way round on CPU).
-    """
+    """a = q @ coord_q, b = k @ coord_k per head. q (B, H, N, R), k (B, H, Nk, R) → (B, H, ·, R)."""
     cq = bases.coord_q.to(device=q.device, dtype=dtype)
     ck = bases.coord_k.to(device=k.device, dtype=dtype)
-    a = (cq.transpose(-1, -2) @ q.to(dtype).transpose(-1, -2)).transpose(-1, -2)
-    b = (ck.transpose(-1, -2) @ k.to(dtype).transpose(-1, -2)).transpose(-1, -2)
-    return a, b
+    return q.to(dtype) @ cq, k.to(dtype) @ ck
 
 
 def _merge_info(infos: List[Dict[str, Any]]) -> Dict[str, Any]:

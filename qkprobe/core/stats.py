@@ -62,37 +62,57 @@ def _chunk_size(n: int, k: int) -> int:
     return 0
 
 
-def _top_sum(x: Tensor, k: int) -> Tensor:
-    """Sum of the k largest entries along the last axis (exact), without sorting all N.
+def _extreme_rounds(y: Tensor, k: int, largest: bool, want_index: bool = False):
+    """k rounds of take-the-extreme-and-remove-it over dim -2 of y (..., n, R), in place.
 
-    The k largest entries lie in the k chunks with the largest maxima (any entry outside them
-    is ≤ k chunk maxima, each a distinct entry), so: chunk maxima (one fast max pass), top-k
-    of the N/c maxima, top-k of those k chunks' k·c entries — about N/c + k·c values go
-    through the selection instead of N.
+    Each round removes exactly one entry per column (by index), so ties count correctly.
+    Returns the sum of the k extremes (..., R), or their indices (..., k, R).
     """
-    n = x.shape[-1]
+    fill = float("-inf") if largest else float("inf")
+    total, picks = 0, []
+    for _ in range(k):
+        m, idx = (y.max if largest else y.min)(dim=-2, keepdim=True)
+        total = total + m
+        picks.append(idx)
+        y.scatter_(-2, idx, fill)
+    return torch.cat(picks, dim=-2) if want_index else total.squeeze(-2)
+
+
+def _top_sum(x: Tensor, k: int, largest: bool = True) -> Tensor:
+    """Sum of the k largest (or smallest) entries over the token axis of x (..., N, R), exact.
+
+    Sort-free and vectorized over the R modes (the contiguous axis). The k extremes lie in the
+    k chunks of consecutive tokens with the most extreme chunk maxima (an entry outside them is
+    beaten by k chunk maxima, each a distinct entry), so: chunk extremes (one fast pass), the k
+    best of the N/c chunks, then the k best of their k·c entries — k small rounds each.
+    """
+    n = x.shape[-2]
     c = _chunk_size(n, k)
     if c == 0 or k * c >= n:
-        return torch.topk(x, k, dim=-1, sorted=False).values.sum(-1)
-    chunks = x.unflatten(-1, (n // c, c))  # (..., n/c, c): a view, last axis stride 1
-    best = torch.topk(chunks.amax(-1), k, dim=-1, sorted=False).indices  # (..., k)
-    picked = torch.gather(chunks, -2, best.unsqueeze(-1).expand(*best.shape, c))  # (..., k, c)
-    return torch.topk(picked.flatten(-2), k, dim=-1, sorted=False).values.sum(-1)
+        return _extreme_rounds(x.clone(), k, largest)
+    chunks = x.unflatten(-2, (n // c, c))  # (..., m, c, R): a view
+    extreme = chunks.amax(dim=-2) if largest else chunks.amin(dim=-2)  # (..., m, R)
+    best = _extreme_rounds(extreme, k, largest, want_index=True)  # (..., k, R) chunk numbers
+    index = best.unsqueeze(-2).expand(*best.shape[:-1], c, best.shape[-1])  # (..., k, c, R)
+    picked = torch.gather(chunks, -3, index)  # (..., k, c, R)
+    return _extreme_rounds(picked.flatten(-3, -2), k, largest)
 
 
 def _topk_means(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """Means of the ``k`` largest and of the ``k`` smallest entries along the last axis.
+    """Means of the ``k`` largest and of the ``k`` smallest entries over the token axis.
 
-    x: (..., N) with a stride-1 last axis; 1 ≤ k ≤ N. Returns two tensors of shape (...).
+    x: (..., N, R); 1 ≤ k ≤ N. Returns two (..., R) tensors.
     One place to swap in a faster (fused / selection) kernel later.
     """
-    return _top_sum(x, k) / k, -_top_sum(-x, k) / k
+    return _top_sum(x, k, True) / k, _top_sum(x, k, False) / k
 
 
 def _map_stats(x: Tensor, topk: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(mean, max, min, top_pos, top_neg) over the last axis of x (B, H, R, N), each (B, H, R)."""
-    top_pos, top_neg = _topk_means(x, min(topk, x.shape[-1]))
-    return x.mean(dim=-1), x.amax(dim=-1), x.amin(dim=-1), top_pos, top_neg  # amax/amin beat aminmax ~5x
+    """(mean, max, min, top_pos, top_neg) over the tokens of x (B, H, N, R), each (B, H, R).
+
+    Reductions over dim -2 run vectorized across the contiguous R axis."""
+    top_pos, top_neg = _topk_means(x, min(topk, x.shape[-2]))
+    return x.mean(dim=-2), x.amax(dim=-2), x.amin(dim=-2), top_pos, top_neg
 
 
 def _attended_keys(a: Tensor, b: Tensor, S: Tensor, scale: float, probs: Optional[Tensor],
@@ -183,12 +203,8 @@ def mode_statistics(
     b = b.detach().to(dt)
     S = S.detach().to(device=a.device, dtype=dt)
 
-    # Token reductions run over a stride-1 last axis: free when a, b are stored (B, H, R, N)
-    # (see qkprobe.capture.coordinates.coordinates_from_qk), one copy otherwise.
-    at = _tokens_last(a)[..., p:]  # (B, H, R, N - p)
-    bt = _tokens_last(b)[..., p:]  # (B, H, R, Nk - p)
-    q_stats = _map_stats(at, topk)
-    k_stats = _map_stats(bt, topk)
+    q_stats = _map_stats(a[:, :, p:, :], topk)  # token reductions, vectorized over R
+    k_stats = _map_stats(b[:, :, p:, :], topk)
     score_pos = q_stats[1] * k_stats[1]
     score_neg = q_stats[2] * k_stats[2]
 
@@ -201,12 +217,6 @@ def mode_statistics(
                         torch.zeros_like(contrib))
 
     return torch.stack((*q_stats, *k_stats, score_pos, score_neg, contrib, share), dim=-1)
-
-
-def _tokens_last(x: Tensor) -> Tensor:
-    """(B, H, N, R) → (B, H, R, N) with stride 1 along N (a view when already stored so)."""
-    xt = x.transpose(-1, -2)
-    return xt if xt.stride(-1) == 1 else xt.contiguous()
 
 
 def count_nonfinite(a: Tensor, b: Optional[Tensor] = None) -> int:
