@@ -21,9 +21,8 @@ def layer_summaries(bases: Sequence) -> List[Dict[str, float]]:
     for lb in bases:
         S = np.asarray(lb["S"] if isinstance(lb, dict) else lb.S.cpu().numpy(), dtype=np.float64)
         cos = np.asarray(lb["cosine"] if isinstance(lb, dict) else lb.cosine.cpu().numpy(), dtype=np.float64)
-        w = S / np.maximum(S.sum(-1, keepdims=True), np.finfo(np.float64).tiny)
         out.append({"mean_cosine": float(np.nanmean(cos)),
-                    "weighted_cosine": float(np.nanmean((w * cos).sum(-1)))})
+                    "weighted_cosine": float(np.nanmean(head_weighted_cosine(S, cos)))})
     return out
 
 
