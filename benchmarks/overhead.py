@@ -22,12 +22,10 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 import timm
 import torch
 
 import qkprobe
-from qkprobe.core.modes import full_svd_modes
 
 
 def median_time(fn, repeats):

@@ -17,9 +17,6 @@ The model's outputs and gradients are unchanged; ``close()`` removes every hook.
 
 from __future__ import annotations
 
-import json
-import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
