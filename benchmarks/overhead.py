@@ -6,6 +6,7 @@ All in one run, same model (random init: speed does not depend on the weights), 
 1. plain forward, batch B (no_grad, eval);
 2. forward with ``qkprobe.attach`` (default statistics, writing HDF5 with per-sample rows);
 3. the same with per-sample rows off (aggregates and top-k only);
+   and with per-sample rows but without the attention-share statistics (``stats=``);
 4. the official pipeline's algorithm: batch 1, the attention input of each layer projected onto
    the D × D singular bases head by head (U_h and V_h of the full SVD of W_q,hᵀW_k,h), each
    statistic copied to the host head by head.
@@ -26,6 +27,7 @@ import timm
 import torch
 
 import qkprobe
+from qkprobe.core.stats import STAT_NAMES
 
 
 def median_time(fn, repeats):
@@ -81,13 +83,15 @@ def main():
     plain()  # warm-up
     tmp = tempfile.mkdtemp()
     results = {}
-    order = ["plain", "probe", "probe_no_rows", "plain_again"]
+    order = ["plain", "probe", "probe_no_rows", "probe_no_share", "plain_again"]
+    no_share = [n for n in STAT_NAMES if not n.startswith("attn_")]
     for name in order:
         if name.startswith("plain"):
             results[name] = median_time(plain, args.batches)
             continue
         path = os.path.join(tmp, f"{name}.h5")
-        probe = qkprobe.attach(model, path, per_sample=(name == "probe"))
+        probe = qkprobe.attach(model, path, per_sample=(name != "probe_no_rows"),
+                               stats=no_share if name == "probe_no_share" else None)
         plain()  # warm-up with hooks
         t = median_time(plain, args.batches)
         t_close = time.perf_counter()
@@ -98,7 +102,7 @@ def main():
     base = min(results["plain"], results["plain_again"])
     ips = args.batch / base
     print(f"plain forward          {base * 1e3:8.1f} ms/batch  {ips:7.1f} img/s")
-    for name in ("probe", "probe_no_rows"):
+    for name in ("probe", "probe_no_rows", "probe_no_share"):
         t = results[name]
         print(f"{name:22s} {t * 1e3:8.1f} ms/batch  {args.batch / t:7.1f} img/s  ratio {t / base:5.3f}x  "
               f"writer blocked {results[name + '_blocked']:.3f} s, close {results[name + '_close']:.2f} s")

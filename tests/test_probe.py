@@ -211,3 +211,29 @@ def test_nonfinite_activations_are_counted_per_layer(tmp_path):
         assert int(run.snapshot(0, "nonfinite_values")) == 0
         assert int(run.snapshot(1, "nonfinite_values")) > 0
         assert len(run) == 3
+
+
+def test_chosen_statistics_are_stored_and_attention_is_skipped(tmp_path, monkeypatch):
+    model = small_vit()
+    x = batches(1)[0]
+    with qkprobe.attach(model, str(tmp_path / "all.h5")):
+        with torch.no_grad():
+            model(x)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    chosen = ["score_neg", "q_max", "k_top_pos"]
+    with qkprobe.attach(model, str(tmp_path / "some.h5"), stats=chosen):
+        with torch.no_grad():
+            model(x)
+    assert calls == []  # timm uses its own SDPA path only when fused; ours was skipped
+    full, some = qkprobe.open_run(str(tmp_path / "all.h5")), qkprobe.open_run(str(tmp_path / "some.h5"))
+    assert some.stat_names == ["q_max", "k_top_pos", "score_neg"]  # canonical order
+    for name in some.stat_names:
+        np.testing.assert_array_equal(some.stats(1, name), full.stats(1, name))
+    np.testing.assert_array_equal(some.snapshot(1, "topk_index"), full.snapshot(1, "topk_index"))
+    assert int(some.snapshot(0, "nonfinite_values")) == 0
+    full.close(), some.close()
+    with pytest.raises(ValueError, match="unknown statistics"):
+        qkprobe.attach(model, stats=["nope"])

@@ -47,6 +47,9 @@ class ProbeOptions:
     refresh_every: recompute the bases from the current weights every M steps (training; the
     step is the one given to ``Probe.step``, else the forward count). Each refresh adds a point
     to the time series (singular values, cosines, drift).
+    stats: names of the statistics to store (None: all of
+    :data:`qkprobe.core.stats.STAT_NAMES`); leaving out ``attn_contrib`` and ``attn_share``
+    skips their attention computation. Top-k optimal samples use the scores either way.
     """
 
     layers: Optional[List[Union[int, str]]] = None
@@ -59,6 +62,7 @@ class ProbeOptions:
     store_dtype: str = "float32"
     compression: Optional[str] = "blosc-zstd"
     refresh_every: Optional[int] = None
+    stats: Optional[List[str]] = None
 
     def record(self) -> Dict[str, Any]:
         return asdict(self)
@@ -99,8 +103,11 @@ class Probe:
                 raise ValueError(f"heads {self.options.heads} out of range for {site.name} with {H} heads")
             nh = H if heads is None else len(heads)
             self.layers.append(_Layer(site, lb, heads, TopKSamples(nh, lb.num_modes, self.options.top_samples, device),
-                                      Aggregates((nh, lb.num_modes, len(STAT_NAMES)), device)))
-        self.stat_names = list(STAT_NAMES)
+                                      Aggregates((nh, lb.num_modes, len(self._stat_names(self.options.stats))),
+                                                 device)))
+        self.stat_names = self._stat_names(self.options.stats)
+        self._stat_cols = torch.tensor([STAT_INDEX[n] for n in self.stat_names])
+        self._attention = bool({"attn_contrib", "attn_share"} & set(self.stat_names))
         self._forwards = 0
         self._recording = False
         self._ids: Optional[List[str]] = None
@@ -130,6 +137,15 @@ class Probe:
         self.closed = False
 
     # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _stat_names(wanted: Optional[List[str]]) -> List[str]:
+        if wanted is None:
+            return list(STAT_NAMES)
+        unknown = [n for n in wanted if n not in STAT_INDEX]
+        if unknown or not wanted:
+            raise ValueError(f"unknown statistics {unknown}; choose from {list(STAT_NAMES)}")
+        return [n for n in STAT_NAMES if n in set(wanted)]  # canonical order
+
     @staticmethod
     def _select(sites: List[AttentionSite], layers) -> List[AttentionSite]:
         if layers is None:
@@ -249,12 +265,13 @@ class Probe:
             st = mode_statistics(a, b, S, l.bases.scale, prefix_tokens=l.bases.prefix_tokens or 0,
                                  include_prefix=self.options.include_prefix, topk=self.options.topk,
                                  q=q.float(), k=k.float(),
-                                 attn_bias=None if bias is None else bias.float())
+                                 attn_bias=None if bias is None else bias.float(), attention=self._attention)
             if l.heads is not None:
                 st = st.index_select(1, l.heads.to(st.device))
             # NaN/Inf in q or k reach the statistics: count non-finite statistics, a device
             # tensor (no host sync per layer; read at commit time)
-            l.nonfinite = l.nonfinite + (~torch.isfinite(st)).sum()
+            stored = st if len(self.stat_names) == len(STAT_NAMES) else st.index_select(-1, self._stat_cols)
+            l.nonfinite = l.nonfinite + (~torch.isfinite(stored)).sum()
             l.pending.append(st.float())
 
     def _on_forward_end(self, module, args, output):
@@ -283,6 +300,8 @@ class Probe:
                 st = _fold_windows(st, B)
             index = torch.arange(self.samples, self.samples + B, device=st.device)
             l.topk.update(st[..., STAT_INDEX["score_pos"]], st[..., STAT_INDEX["score_neg"]], index)
+            if len(self.stat_names) != len(STAT_NAMES):
+                st = st.index_select(-1, self._stat_cols.to(st.device))
             l.agg.update(st)
             if self.writer is not None:
                 rows.append(st.cpu().numpy() if self.options.per_sample else None)

@@ -29,6 +29,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-per-sample", action="store_true", help="store only aggregates and top-k, not per-image rows")
     p.add_argument("--include-prefix", action="store_true", help="keep cls/register tokens in the maps")
     p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--stats", help="comma-separated statistics to store (default: all; leaving out "
+                                   "attn_contrib,attn_share skips their attention computation)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print the committed row count after every batch")
     p.set_defaults(func=run)
@@ -181,7 +183,8 @@ def _run(args, group: Optional[_Group]) -> int:
     if transform is None or not callable(transform) or hasattr(transform, "tokenize"):
         raise RunFileError(f"{args.spec} has no image preprocessing; qkprobe run needs a vision model.")
     options = ProbeOptions(top_samples=args.topk, topk=args.topk_mean, per_sample=not args.no_per_sample,
-                           include_prefix=args.include_prefix, store_dtype=args.store_dtype)
+                           include_prefix=args.include_prefix, store_dtype=args.store_dtype,
+                           stats=args.stats.split(",") if args.stats else None)
     meta["versions"] = versions()
     done = set()
     if group is not None:

@@ -161,8 +161,12 @@ def mode_statistics(
     q: Optional[Tensor] = None,
     k: Optional[Tensor] = None,
     attn_bias: Optional[Tensor] = None,
+    attention: bool = True,
 ) -> Tensor:
     """Statistics of every mode of every head for every sample (see the module docstring).
+
+    ``attention=False`` skips the attention-share statistics (their columns are NaN): they cost
+    one attention computation per layer, the largest single cost of the probe on CPU.
 
     Args:
         a: (B, H, N, R) query-side mode coordinates of all tokens (prefix included).
@@ -208,6 +212,9 @@ def mode_statistics(
     score_pos = q_stats[1] * k_stats[1]
     score_neg = q_stats[2] * k_stats[2]
 
+    if not attention:
+        nan = torch.full_like(score_pos, float("nan"))
+        return torch.stack((*q_stats, *k_stats, score_pos, score_neg, nan, nan), dim=-1)
     pb = _attended_keys(a, b, S, scale, probs, q, k, attn_bias)  # (B, H, N, R)
     lift = a * (pb - b.mean(dim=-2, keepdim=True))  # a_ir ((P b)_ir − mean_j b_jr)
     contrib = lift.mean(dim=-2) * S * float(scale)  # (B, H, R)
