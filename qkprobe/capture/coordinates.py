@@ -58,7 +58,19 @@ def coordinates_from_qk(q: Tensor, k: Tensor, bases: LayerBases, dtype: torch.dt
     """a = q @ coord_q, b = k @ coord_k per head. q (B, H, N, R), k (B, H, Nk, R) → (B, H, ·, R)."""
     cq = bases.coord_q.to(device=q.device, dtype=dtype)
     ck = bases.coord_k.to(device=k.device, dtype=dtype)
-    return q.to(dtype) @ cq, k.to(dtype) @ ck
+    return _per_head_matmul(q.to(dtype), cq), _per_head_matmul(k.to(dtype), ck)
+
+
+def _per_head_matmul(x: Tensor, m: Tensor) -> Tensor:
+    """x (B, H, N, R) @ m (H, R, M) per head, as one bmm over H with B·N rows each.
+
+    For q, k sliced out of a fused qkv projection, (H, B·N, R) is a view (no copy) and the H
+    products have B·N rows instead of N: about 2× faster on CPU than a (B·H)-batched matmul.
+    The result is a (B, H, N, M) view of an (H, B, N, M) tensor.
+    """
+    B, H, N, R = x.shape
+    out = torch.bmm(x.permute(1, 0, 2, 3).reshape(H, B * N, R), m)
+    return out.view(H, B, N, m.shape[-1]).permute(1, 0, 2, 3)
 
 
 def _merge_info(infos: List[Dict[str, Any]]) -> Dict[str, Any]:

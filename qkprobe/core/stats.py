@@ -62,40 +62,24 @@ def _chunk_size(n: int, k: int) -> int:
     return 0
 
 
-def _extreme_rounds(y: Tensor, k: int, largest: bool, want_index: bool = False):
-    """k rounds of take-the-extreme-and-remove-it over dim -2 of y (..., n, R), in place.
-
-    Each round removes exactly one entry per column (by index), so ties count correctly.
-    Returns the sum of the k extremes (..., R), or their indices (..., k, R).
-    """
-    fill = float("-inf") if largest else float("inf")
-    total, picks = 0, []
-    for _ in range(k):
-        m, idx = (y.max if largest else y.min)(dim=-2, keepdim=True)
-        total = total + m
-        picks.append(idx)
-        y.scatter_(-2, idx, fill)
-    return torch.cat(picks, dim=-2) if want_index else total.squeeze(-2)
-
-
 def _top_sum(x: Tensor, k: int, largest: bool = True) -> Tensor:
     """Sum of the k largest (or smallest) entries over the token axis of x (..., N, R), exact.
 
-    Sort-free and vectorized over the R modes (the contiguous axis). The k extremes lie in the
-    k chunks of consecutive tokens with the most extreme chunk maxima (an entry outside them is
-    beaten by k chunk maxima, each a distinct entry), so: chunk extremes (one fast pass), the k
-    best of the N/c chunks, then the k best of their k·c entries — k small rounds each.
+    The k extremes lie in the k chunks of consecutive tokens with the most extreme chunk maxima
+    (an entry outside them is beaten by k chunk maxima, each a distinct entry), so: chunk
+    extremes (one fast pass vectorized over the R modes), the k best of the N/c chunks, then
+    the k best of their k·c entries: selections over N/c and k·c entries instead of N.
     """
     n = x.shape[-2]
     c = _chunk_size(n, k)
     if c == 0 or k * c >= n:
-        return _extreme_rounds(x.clone(), k, largest)
+        return torch.topk(x, k, dim=-2, largest=largest, sorted=False).values.sum(-2)
     chunks = x.unflatten(-2, (n // c, c))  # (..., m, c, R): a view
     extreme = chunks.amax(dim=-2) if largest else chunks.amin(dim=-2)  # (..., m, R)
-    best = _extreme_rounds(extreme, k, largest, want_index=True)  # (..., k, R) chunk numbers
+    best = torch.topk(extreme, k, dim=-2, largest=largest, sorted=False).indices  # (..., k, R) chunks
     index = best.unsqueeze(-2).expand(*best.shape[:-1], c, best.shape[-1])  # (..., k, c, R)
-    picked = torch.gather(chunks, -3, index)  # (..., k, c, R)
-    return _extreme_rounds(picked.flatten(-3, -2), k, largest)
+    picked = torch.gather(chunks, -3, index).flatten(-3, -2)  # (..., k·c, R)
+    return torch.topk(picked, k, dim=-2, largest=largest, sorted=False).values.sum(-2)
 
 
 def _topk_means(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
