@@ -99,9 +99,18 @@ def _parse_superblock(fh, offset: int, head: bytes, path) -> Superblock:
 
 
 def clear_open_flags(path, block: Superblock) -> None:
-    """Rewrite the superblock with its consistency flags cleared and a new checksum."""
+    """Rewrite the superblock with its consistency flags cleared and a new checksum.
+
+    The end-of-allocation address is raised to the file's size when the file is longer (as
+    ``h5clear --increment`` does): a writer killed mid-flush can leave metadata written past the
+    address the superblock last recorded, and HDF5 then refuses to touch it ("addr overflow").
+    """
     body = bytearray(block.raw[:-4])
     body[11] = 0
+    size = os.path.getsize(path)
+    if size > block.eoa:
+        at = 12 + 2 * block.size_of_offsets
+        body[at:at + block.size_of_offsets] = size.to_bytes(block.size_of_offsets, "little")
     new = bytes(body) + struct.pack("<I", lookup3(bytes(body)))
     with open(path, "r+b") as fh:
         fh.seek(block.offset)
@@ -130,7 +139,13 @@ def truncate_to_committed(path) -> int:
             raise RunFileError(f"{path} is not a qkprobe run file (it has no commit counter); "
                                f"check the path.")
         committed = f[schema.COMMITTED][()]
-        truncate_rows(f, int(committed[schema.ROWS]), int(committed[schema.SKIPPED]), schema.series_points(committed))
+        try:
+            truncate_rows(f, int(committed[schema.ROWS]), int(committed[schema.SKIPPED]),
+                          schema.series_points(committed))
+        except RuntimeError as exc:
+            raise RunFileError(f"{path} keeps its {int(committed[schema.ROWS])} committed rows (readable with "
+                               f"qkprobe.open_run), but HDF5 cannot shorten its datasets ({exc}); start a new "
+                               f"file to write more.") from exc
         return int(committed[schema.ROWS])
 
 
