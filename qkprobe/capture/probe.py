@@ -270,7 +270,8 @@ class Probe:
                 st = st.index_select(1, l.heads.to(st.device))
             # NaN/Inf in q or k reach the statistics: count non-finite statistics, a device
             # tensor (no host sync per layer; read at commit time)
-            stored = st if len(self.stat_names) == len(STAT_NAMES) else st.index_select(-1, self._stat_cols)
+            stored = st if len(self.stat_names) == len(STAT_NAMES) else \
+                st.index_select(-1, self._stat_cols.to(st.device))
             l.nonfinite = l.nonfinite + (~torch.isfinite(stored)).sum()
             l.pending.append(st.float())
 
