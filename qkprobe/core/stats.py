@@ -126,9 +126,12 @@ def _attended_keys(a: Tensor, b: Tensor, S: Tensor, scale: float, probs: Optiona
     mask = attn_bias
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(dt)
-    # contiguous operands keep SDPA on its fused kernel (a strided value falls back to the math
-    # path, which materializes P: 3x slower on CPU)
-    return F.scaled_dot_product_attention(qq.contiguous(), kk.contiguous(), b.contiguous(), attn_mask=mask,
+    # SDPA keeps its fused kernel only with a stride-1 last axis (else it falls back to the math
+    # path, which materializes P: 3x slower on CPU); other strides (views of a fused qkv) are fine
+    def unit_stride(x):
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    return F.scaled_dot_product_attention(unit_stride(qq), unit_stride(kk), unit_stride(b), attn_mask=mask,
                                           scale=float(scale))
 
 
