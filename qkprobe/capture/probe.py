@@ -89,6 +89,9 @@ class Probe:
         self.options = options or ProbeOptions(**option_kwargs)
         if self.options.every < 1:
             raise ValueError("every must be ≥ 1")
+        self.stat_names = self._stat_names(self.options.stats)
+        self._stat_cols = torch.tensor([STAT_INDEX[n] for n in self.stat_names])
+        self._attention = bool({"attn_contrib", "attn_share"} & set(self.stat_names))
         sites = find_attention(model)
         n_prefix = prefix_tokens(model)
         by_name = {b.name: b for b in bases} if bases is not None else {}
@@ -103,11 +106,7 @@ class Probe:
                 raise ValueError(f"heads {self.options.heads} out of range for {site.name} with {H} heads")
             nh = H if heads is None else len(heads)
             self.layers.append(_Layer(site, lb, heads, TopKSamples(nh, lb.num_modes, self.options.top_samples, device),
-                                      Aggregates((nh, lb.num_modes, len(self._stat_names(self.options.stats))),
-                                                 device)))
-        self.stat_names = self._stat_names(self.options.stats)
-        self._stat_cols = torch.tensor([STAT_INDEX[n] for n in self.stat_names])
-        self._attention = bool({"attn_contrib", "attn_share"} & set(self.stat_names))
+                                      Aggregates((nh, lb.num_modes, len(self.stat_names)), device)))
         self._forwards = 0
         self._recording = False
         self._ids: Optional[List[str]] = None
@@ -172,8 +171,7 @@ class Probe:
             snap.update({f"agg_{k}": (v.shape, v.dtype) for k, v in l.agg.state_dict().items()})
             snap["nonfinite_values"] = ((), np.dtype(np.int64))
             attrs = {k: v for k, v in bases_attrs(l.bases).items() if k != "name"}
-            attrs.update(extras=sorted(l.bases.extras), notes=list(l.bases.notes),
-                         heads=None if l.heads is None else l.heads.tolist())
+            attrs["heads"] = None if l.heads is None else l.heads.tolist()
             H = l.bases.num_heads
             series = {"S": ((H, R), np.float32), "cosine": ((H, R), np.float32), "drift_q": ((H,), np.float32),
                       "drift_k": ((H,), np.float32), "nonfinite_weights": ((), np.int8)}

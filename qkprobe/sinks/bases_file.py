@@ -34,7 +34,7 @@ def bases_arrays(lb) -> Dict[str, np.ndarray]:
 def bases_attrs(lb) -> Dict[str, Any]:
     return {"name": lb.name, "family": lb.family, "scale": float(lb.scale),
             "prefix_tokens": -1 if lb.prefix_tokens is None else int(lb.prefix_tokens),
-            "extras": json.dumps(sorted(lb.extras)), "notes": json.dumps(list(lb.notes)),
+            "extras": sorted(lb.extras), "notes": list(lb.notes),
             "fold_ln": bool(lb.fold_ln)}
 
 
@@ -54,7 +54,7 @@ def write_bases(path: str, bases: List, metadata: Dict[str, Any]) -> None:
             for k, arr in bases_arrays(lb).items():
                 g.create_dataset(k, data=arr)
             for k, v in bases_attrs(lb).items():
-                g.attrs[k] = v
+                g.attrs[k] = to_attr(v)  # lists (extras, notes) as JSON text
     os.replace(tmp, path)  # a crash never leaves a half-written file under the final name
 
 
