@@ -6,7 +6,7 @@ import timm
 import torch
 
 import qkprobe
-from qkprobe.core.stats import STAT_NAMES
+from qkprobe.core.stats import DEFAULT_STATS, STAT_NAMES
 from peaked import peak_timm, record_timm_probs
 
 IDX = {n: i for i, n in enumerate(STAT_NAMES)}
@@ -70,7 +70,7 @@ def test_statistics_equal_float64_recomputation(tmp_path):
     probs = record_timm_probs(model)
     bases = qkprobe.compute_bases(model)
     coords = qkprobe.mode_coordinates(model, x, bases=bases, dtype=torch.float64)
-    with qkprobe.attach(model, str(tmp_path / "r.h5"), bases=bases) as probe:
+    with qkprobe.attach(model, str(tmp_path / "r.h5"), bases=bases, stats="all") as probe:
         with torch.no_grad():
             model(x)
     run = qkprobe.open_run(str(tmp_path / "r.h5"))
@@ -125,7 +125,7 @@ def test_every_heads_layers_and_no_per_sample(tmp_path):
                 model(x)
     run = qkprobe.open_run(path)
     assert len(run) == 6 and run.layer_names == ["blocks.1.attn"]
-    assert run.stats(0).shape == (6, 2, 64, len(STAT_NAMES))
+    assert run.stats(0).shape == (6, 2, 64, len(DEFAULT_STATS))  # default: no attention share
     attrs = run.layer_attrs(0)
     assert attrs["heads"] == [0, 2] and attrs["extras"] == [] and attrs["prefix_tokens"] == 1
     run.close()
@@ -216,7 +216,7 @@ def test_nonfinite_activations_are_counted_per_layer(tmp_path):
 def test_chosen_statistics_are_stored_and_attention_is_skipped(tmp_path, monkeypatch):
     model = small_vit()
     x = batches(1)[0]
-    with qkprobe.attach(model, str(tmp_path / "all.h5")):
+    with qkprobe.attach(model, str(tmp_path / "all.h5"), stats="all"):
         with torch.no_grad():
             model(x)
     calls = []
@@ -234,6 +234,60 @@ def test_chosen_statistics_are_stored_and_attention_is_skipped(tmp_path, monkeyp
         np.testing.assert_array_equal(some.stats(1, name), full.stats(1, name))
     np.testing.assert_array_equal(some.snapshot(1, "topk_index"), full.snapshot(1, "topk_index"))
     assert int(some.snapshot(0, "nonfinite_values")) == 0
+    assert full.stat_names == list(STAT_NAMES)
     full.close(), some.close()
+    with qkprobe.attach(model, str(tmp_path / "default.h5")):  # the default set skips the attention pass
+        with torch.no_grad():
+            model(x)
+    assert calls == []
+    with qkprobe.open_run(str(tmp_path / "default.h5")) as default, \
+            qkprobe.open_run(str(tmp_path / "all.h5")) as full:
+        assert default.stat_names == list(DEFAULT_STATS) and "attn_share" not in default.stat_names
+        for name in DEFAULT_STATS:
+            np.testing.assert_array_equal(default.stats(1, name), full.stats(1, name))
     with pytest.raises(ValueError, match="unknown statistics"):
         qkprobe.attach(model, stats=["nope"])
+
+
+def test_fused_qkv_coordinates_equal_separate_ones():
+    from qkprobe.capture.probe import Probe
+    model = small_vit()
+    probe = Probe(model, None)
+    layer = probe.layers[0]
+    B, N, H, R = 2, 5, layer.bases.num_heads, layer.bases.num_modes
+    qkv = torch.randn(B, N, 3, H, R)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # views of one tensor, k right after q
+    a, b = layer.coordinates(q, k)  # one batched matmul over the 2H query and key heads
+    a2, b2 = layer.coordinates(q.contiguous(), k.contiguous())  # separate tensors: two matmuls
+    torch.testing.assert_close(a, a2)
+    torch.testing.assert_close(b, b2)
+    ref = torch.einsum("bhnr,hrm->bhnm", k.double(), layer.bases.coord_k.double())
+    torch.testing.assert_close(b.double(), ref, rtol=1e-5, atol=1e-5)
+    probe.close()
+
+
+def test_forward_that_raises_leaves_nothing_for_the_next_batch(tmp_path):
+    model = small_vit()
+    x = batches(1)[0]
+    fail = {"on": True}
+
+    def boom(module, args, output):
+        if fail["on"]:
+            raise RuntimeError("boom")
+    handle = model.blocks[-1].register_forward_hook(boom)  # after every attention layer has fired
+    with qkprobe.attach(model, str(tmp_path / "r.h5")) as probe:
+        with pytest.raises(RuntimeError, match="boom"):
+            with torch.no_grad():
+                model(x)
+        fail["on"] = False
+        with torch.no_grad():
+            model(x[:2])
+    handle.remove()
+    with qkprobe.attach(model, str(tmp_path / "ref.h5")):
+        with torch.no_grad():
+            model(x[:2])
+    with qkprobe.open_run(str(tmp_path / "r.h5")) as run, qkprobe.open_run(str(tmp_path / "ref.h5")) as ref:
+        assert len(run) == 2 and probe.samples == 2
+        for i in range(len(probe.layers)):
+            np.testing.assert_array_equal(run.stats(i), ref.stats(i))
+            np.testing.assert_array_equal(run.snapshot(i, "agg_count"), ref.snapshot(i, "agg_count"))

@@ -233,17 +233,18 @@ def test_resume_with_another_layout_is_refused(tmp_path):
 
 def _fail_stats_writes_after(monkeypatch, calls: int):
     """Make the writer thread's stats writes fail with ENOSPC after ``calls`` successful ones."""
-    original = h5py.Dataset.__setitem__
+    from qkprobe.sinks import hdf5_writer
+    original = hdf5_writer._write_rows
     count = {"n": 0}
 
-    def setitem(self, key, value):
-        if self.name.endswith("/stats"):
+    def write_rows(dataset, start, rows):
+        if dataset.name.endswith("/stats"):
             count["n"] += 1
             if count["n"] > calls:
                 raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, key, value)
+        return original(dataset, start, rows)
 
-    monkeypatch.setattr(h5py.Dataset, "__setitem__", setitem)
+    monkeypatch.setattr(hdf5_writer, "_write_rows", write_rows)
 
 
 def test_write_error_surfaces_within_one_batch(tmp_path, monkeypatch):

@@ -192,3 +192,69 @@ def test_aggregates_state_roundtrip():
         Aggregates((H, R, S_ + 1)).load_state_dict(agg.state_dict())
     with pytest.raises(ShapeError):
         agg.update(torch.zeros(2, H, R))
+
+
+def _two_sorts(scores, index, k):
+    """The lexicographic rule (score descending, index ascending) by two stable sorts."""
+    bad = ~torch.isfinite(scores)
+    scores, index = scores.masked_fill(bad, float("-inf")), index.masked_fill(bad, -1)
+    order = torch.sort(index, dim=-1, stable=True).indices
+    scores, index = torch.gather(scores, -1, order), torch.gather(index, -1, order)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.gather(scores, -1, order), torch.gather(index, -1, order)
+
+
+def test_packed_key_selection_equals_two_stable_sorts():
+    from qkprobe.core.streaming import _select_topk
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(-4, 5, (50, 24), generator=g).float() * 0.5  # many ties, negatives, zeros
+    scores[0, :3] = -0.0
+    scores[1, 2] = float("nan")
+    scores[2, 5] = float("inf")
+    scores[3, :] = float("-inf")
+    scores[4, 7] = -3.4e38
+    scores[5, 1] = 1.2e-45  # a subnormal
+    index = torch.stack([torch.randperm(1000, generator=g)[:24] for _ in range(50)])
+    index[6, :10] = -1  # empty slots
+    for k in (1, 5, 16, 24):
+        got = _select_topk(scores, index, k)
+        ref = _two_sorts(scores, index, k)
+        assert torch.equal(got[1], ref[1]), k
+        assert torch.equal(got[0], ref[0]), k
+    big = index + (1 << 32)  # beyond the packed key: the sorting path
+    got = _select_topk(scores, big, 8)
+    ref = _two_sorts(scores, big, 8)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_layer_axis_state_equals_one_state_per_layer():
+    rng = np.random.default_rng(5)
+    L = 3
+    pos, neg = rng.standard_normal((20, L, H, R)), rng.standard_normal((20, L, H, R))
+    stats = rng.standard_normal((20, L, H, R, 4))
+    stats[3, 1, 0, 2, 1] = np.nan
+    together_t, together_a = TopKSamples(L, H, R, k=K), Aggregates((L, H, R, 4))
+    alone = [(TopKSamples(H, R, k=K), Aggregates((H, R, 4))) for _ in range(L)]
+    for start, n in ((0, 7), (7, 13)):
+        sl, idx = slice(start, start + n), torch.arange(start, start + n)
+        together_t.update(torch.from_numpy(pos[sl]), torch.from_numpy(neg[sl]), idx)
+        together_a.update(torch.from_numpy(stats[sl]))
+        for j, (t, a) in enumerate(alone):
+            t.update(torch.from_numpy(pos[sl, j]), torch.from_numpy(neg[sl, j]), idx)
+            a.update(torch.from_numpy(stats[sl, j]))
+    assert together_t.shape == (L, H, R)
+    for j, (t, a) in enumerate(alone):
+        for key, value in together_t.select(j).state_dict().items():
+            np.testing.assert_array_equal(value, t.state_dict()[key])
+        for key, value in together_a.select(j).state_dict().items():
+            np.testing.assert_allclose(value, a.state_dict()[key], rtol=1e-12)
+    assert together_a.select(1).nonfinite.sum() == 1 and together_a.select(0).nonfinite.sum() == 0
+
+
+def test_empty_batch_changes_nothing():
+    agg = Aggregates((H, R, 2))
+    agg.update(torch.ones(3, H, R, 2))
+    before = agg.state_dict()
+    agg.update(torch.zeros(0, H, R, 2))
+    for key, value in agg.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])

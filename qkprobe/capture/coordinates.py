@@ -58,10 +58,10 @@ def coordinates_from_qk(q: Tensor, k: Tensor, bases: LayerBases, dtype: torch.dt
     """a = q @ coord_q, b = k @ coord_k per head. q (B, H, N, R), k (B, H, Nk, R) → (B, H, ·, R)."""
     cq = bases.coord_q.to(device=q.device, dtype=dtype)
     ck = bases.coord_k.to(device=k.device, dtype=dtype)
-    return _per_head_matmul(q.to(dtype), cq), _per_head_matmul(k.to(dtype), ck)
+    return per_head_matmul(q.to(dtype), cq), per_head_matmul(k.to(dtype), ck)
 
 
-def _per_head_matmul(x: Tensor, m: Tensor) -> Tensor:
+def per_head_matmul(x: Tensor, m: Tensor) -> Tensor:
     """x (B, H, N, R) @ m (H, R, M) per head, as one bmm over H with B·N rows each.
 
     For q, k sliced out of a fused qkv projection, (H, B·N, R) is a view (no copy) and the H

@@ -26,10 +26,11 @@ import torch.nn as nn
 
 from ..adapters.discover import AttentionSite, find_attention, prefix_tokens
 from ..bases import LayerBases, layer_bases
-from ..core.stats import STAT_INDEX, STAT_NAMES, mode_statistics
+from ..core.stats import ATTENTION_STATS, DEFAULT_STATS, STAT_INDEX, STAT_NAMES, mode_statistics
+from ..core import native
 from ..core.streaming import Aggregates, TopKSamples
 from ..distributed import finish_shards, rank_and_world, shard_path
-from .coordinates import capture_qk, coordinates_from_qk
+from .coordinates import per_head_matmul, capture_qk
 
 Tensor = torch.Tensor
 
@@ -47,9 +48,11 @@ class ProbeOptions:
     refresh_every: recompute the bases from the current weights every M steps (training; the
     step is the one given to ``Probe.step``, else the forward count). Each refresh adds a point
     to the time series (singular values, cosines, drift).
-    stats: names of the statistics to store (None: all of
-    :data:`qkprobe.core.stats.STAT_NAMES`); leaving out ``attn_contrib`` and ``attn_share``
-    skips their attention computation. Top-k optimal samples use the scores either way.
+    stats: names of the statistics to store, or ``"all"`` for every one of
+    :data:`qkprobe.core.stats.STAT_NAMES`. None: :data:`qkprobe.core.stats.DEFAULT_STATS`, the
+    paper's map statistics and scores without ``attn_contrib`` / ``attn_share``, which cost one
+    more attention pass per layer (on CPU about as much as the model's own attention). Top-k
+    optimal samples use the scores either way.
     """
 
     layers: Optional[List[Union[int, str]]] = None
@@ -60,9 +63,9 @@ class ProbeOptions:
     every: int = 1
     per_sample: bool = True
     store_dtype: str = "float32"
-    compression: Optional[str] = "blosc-zstd"
+    compression: Optional[str] = "blosc-lz4"
     refresh_every: Optional[int] = None
-    stats: Optional[List[str]] = None
+    stats: Union[None, str, List[str]] = None
 
     def record(self) -> Dict[str, Any]:
         return asdict(self)
@@ -73,10 +76,56 @@ class _Layer:
     site: AttentionSite
     bases: LayerBases
     heads: Optional[Tensor]
-    topk: TopKSamples
-    agg: Aggregates
-    nonfinite: int = 0
+    group: "_Group"
+    slot: int                      # this layer's entry on the group's first axis
     pending: List[Tensor] = field(default_factory=list)
+    maps: Optional[tuple] = None   # (coord_q, coord_k, S) as float32 on the capture device
+
+    def float_maps(self, device) -> tuple:
+        """(coord_q, coord_k, S, [coord_q; coord_k]) as float32 on ``device``, cached."""
+        if self.maps is None or self.maps[0].device != device:
+            b = self.bases
+            maps = tuple(t.detach().to(device, torch.float32) for t in (b.coord_q, b.coord_k, b.S))
+            self.maps = (*maps, torch.cat(maps[:2]))
+        return self.maps
+
+    def coordinates(self, q: Tensor, k: Tensor):
+        """a = q @ coord_q, b = k @ coord_k per head: (B, H, N, R) each (float32 q, k).
+
+        Where k lies right after q in one tensor (q and k sliced out of a fused qkv
+        projection), both are one (B, 2H, N, R) view and take a single batched matmul."""
+        coord_q, coord_k, _, both = self.float_maps(q.device)
+        H = q.shape[1]
+        if q.shape == k.shape and q.stride() == k.stride() and H > 0 and not native.compiling() \
+                and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() \
+                and k.storage_offset() - q.storage_offset() == H * q.stride(1):
+            qk = q.as_strided((q.shape[0], 2 * H, *q.shape[2:]), q.stride(), q.storage_offset())
+            ab = per_head_matmul(qk, both)
+            return ab[:, :H], ab[:, H:]
+        return per_head_matmul(q, coord_q), per_head_matmul(k, coord_k)
+
+
+@dataclass
+class _Group:
+    """Layers with the same (heads, modes): their top-k and aggregates are one state with a
+    leading layer axis, updated by one set of tensor ops per batch instead of one per layer."""
+    layers: List[int]
+    topk: TopKSamples    # (L, H, R, 2, K)
+    agg: Aggregates      # (L, H, R, S)
+    buffer: Optional[Tensor] = None  # (L, B, H, R, len(STAT_NAMES)): every layer's statistics of a forward
+
+    def slot(self, j: int, rows: int, device) -> Tensor:
+        """Layer j's (rows, H, R, len(STAT_NAMES)) entry of the buffer, reused across forwards."""
+        shape = (len(self.layers), rows, *self.topk.shape[1:], len(STAT_NAMES))
+        if self.buffer is None or tuple(self.buffer.shape) != shape or self.buffer.device != device:
+            self.buffer = torch.empty(shape, dtype=torch.float32, device=device)
+        return self.buffer[j]
+
+    def filled(self, layers: List["_Layer"], rows: int) -> bool:
+        """Whether this forward wrote every layer's statistics straight into the buffer."""
+        return self.buffer is not None and self.buffer.shape[1] == rows and all(
+            len(l.pending) == 1 and l.pending[0].data_ptr() == self.buffer[l.slot].data_ptr()
+            and l.pending[0].shape == self.buffer.shape[1:] for l in layers)
 
 
 class Probe:
@@ -84,20 +133,21 @@ class Probe:
 
     def __init__(self, model: nn.Module, out: Optional[str] = None, *, options: Optional[ProbeOptions] = None,
                  bases: Optional[List[LayerBases]] = None, metadata: Optional[Dict[str, Any]] = None,
-                 resume: bool = False, tensorboard=None, **option_kwargs):
+                 resume: bool = False, tensorboard=None, chunk_rows: int = 8, **option_kwargs):
         self.model = model
         self.options = options or ProbeOptions(**option_kwargs)
         if self.options.every < 1:
             raise ValueError("every must be ≥ 1")
         self.stat_names = self._stat_names(self.options.stats)
         self._stat_cols = torch.tensor([STAT_INDEX[n] for n in self.stat_names])
-        self._attention = bool({"attn_contrib", "attn_share"} & set(self.stat_names))
+        self._attention = bool(set(ATTENTION_STATS) & set(self.stat_names))
         sites = find_attention(model)
         n_prefix = prefix_tokens(model)
         by_name = {b.name: b for b in bases} if bases is not None else {}
         chosen = self._select(sites, self.options.layers)
         self.layers: List[_Layer] = []
         device = _model_device(model)
+        shapes: Dict[tuple, List[tuple]] = {}
         for site in chosen:
             lb = by_name.get(site.name) or layer_bases(site, model, n_prefix=n_prefix)
             H = lb.num_heads
@@ -105,8 +155,19 @@ class Probe:
             if heads is not None and (heads.min() < 0 or heads.max() >= H):
                 raise ValueError(f"heads {self.options.heads} out of range for {site.name} with {H} heads")
             nh = H if heads is None else len(heads)
-            self.layers.append(_Layer(site, lb, heads, TopKSamples(nh, lb.num_modes, self.options.top_samples, device),
-                                      Aggregates((nh, lb.num_modes, len(self.stat_names)), device)))
+            shapes.setdefault((nh, lb.num_modes), []).append((site, lb, heads))
+        self.groups: List[_Group] = []
+        layers: Dict[str, _Layer] = {}
+        for (nh, R), members in shapes.items():
+            L = len(members)
+            group = _Group([], TopKSamples(L, nh, R, k=self.options.top_samples, device=device),
+                           Aggregates((L, nh, R, len(self.stat_names)), device))
+            self.groups.append(group)
+            for slot, (site, lb, heads) in enumerate(members):
+                layers[site.name] = _Layer(site, lb, heads, group, slot)
+        self.layers = [layers[site.name] for site in chosen]  # model order
+        for i, l in enumerate(self.layers):
+            l.group.layers.append(i)
         self._forwards = 0
         self._recording = False
         self._ids: Optional[List[str]] = None
@@ -124,7 +185,7 @@ class Probe:
         self.rank, self.world = rank_and_world()
         if out is not None:
             path = shard_path(out, self.rank) if self.world > 1 else out
-            self.writer = self._open_writer(path, metadata or {}, resume)
+            self.writer = self._open_writer(path, metadata or {}, resume, chunk_rows)
             if resume:
                 self._load_state()
         self._batch: Optional[int] = None
@@ -137,9 +198,13 @@ class Probe:
 
     # ------------------------------------------------------------------ setup
     @staticmethod
-    def _stat_names(wanted: Optional[List[str]]) -> List[str]:
+    def _stat_names(wanted: Union[None, str, List[str]]) -> List[str]:
         if wanted is None:
+            return list(DEFAULT_STATS)
+        if wanted == "all":
             return list(STAT_NAMES)
+        if isinstance(wanted, str):
+            wanted = [wanted]
         unknown = [n for n in wanted if n not in STAT_INDEX]
         if unknown or not wanted:
             raise ValueError(f"unknown statistics {unknown}; choose from {list(STAT_NAMES)}")
@@ -160,15 +225,15 @@ class Probe:
                 out.append(match[0])
         return out
 
-    def _open_writer(self, out: str, metadata: Dict[str, Any], resume: bool):
+    def _open_writer(self, out: str, metadata: Dict[str, Any], resume: bool, chunk_rows: int):
         from ..metadata import versions
         from ..sinks.bases_file import bases_arrays, bases_attrs
         from ..sinks.hdf5_writer import LayerSpec, RunWriter
         specs = []
         for l in self.layers:
-            nh, R = l.topk.shape
-            snap = {f"topk_{k}": (v.shape, v.dtype) for k, v in l.topk.state_dict().items()}
-            snap.update({f"agg_{k}": (v.shape, v.dtype) for k, v in l.agg.state_dict().items()})
+            nh, R = l.group.topk.shape[1:]
+            snap = {f"topk_{k}": (v.shape, v.dtype) for k, v in self._topk(l).state_dict().items()}
+            snap.update({f"agg_{k}": (v.shape, v.dtype) for k, v in self._agg(l).state_dict().items()})
             snap["nonfinite_values"] = ((), np.dtype(np.int64))
             attrs = {k: v for k, v in bases_attrs(l.bases).items() if k != "name"}
             attrs["heads"] = None if l.heads is None else l.heads.tolist()
@@ -182,18 +247,20 @@ class Probe:
         meta["options"] = self.options.record()
         return RunWriter(out, specs, self.stat_names, meta, per_sample=self.options.per_sample,
                          store_dtype=self.options.store_dtype, compression=self.options.compression,
-                         resume=resume)
+                         chunk_rows=chunk_rows, resume=resume)
 
     def _load_state(self) -> None:
         """Resume: continue top-k, aggregates and the sample counter from the committed file."""
         from ..sinks.run_file import open_run
         with open_run(self.writer.path) as run:
             self.samples = len(run)
-            for i, l in enumerate(self.layers):
-                snap = {k: run.snapshot(i, k) for k in run.snapshot_names(i)}
-                l.topk.load_state_dict({k[5:]: v for k, v in snap.items() if k.startswith("topk_")})
-                l.agg.load_state_dict({k[4:]: v for k, v in snap.items() if k.startswith("agg_")})
-                l.nonfinite = int(snap.get("nonfinite_values", 0))
+            snaps = [{k: run.snapshot(i, k) for k in run.snapshot_names(i)} for i in range(len(self.layers))]
+        for g in self.groups:  # one state per group: stack its layers' snapshots
+            def stacked(prefix):
+                names = [k[len(prefix):] for k in snaps[g.layers[0]] if k.startswith(prefix)]
+                return {n: np.stack([snaps[i][prefix + n] for i in g.layers]) for n in names}
+            g.topk.load_state_dict(stacked("topk_"))
+            g.agg.load_state_dict(stacked("agg_"))
 
     # ------------------------------------------------------------------ user API
     def set_ids(self, ids: Sequence) -> None:
@@ -213,7 +280,7 @@ class Probe:
     def _empty_rows(self):
         if not self.options.per_sample:
             return None
-        return [np.zeros((0, *l.topk.shape, len(self.stat_names)), np.float32) for l in self.layers]
+        return [np.zeros((0, *l.group.topk.shape[1:], len(self.stat_names)), np.float32) for l in self.layers]
 
     def _take_series(self) -> list:
         """Time-series points not yet handed to the writer, as ``(step, [per layer arrays])``."""
@@ -226,16 +293,30 @@ class Probe:
     def bases(self) -> List[LayerBases]:
         return [l.bases for l in self.layers]
 
+    @staticmethod
+    def _topk(l: _Layer) -> TopKSamples:
+        return l.group.topk.select(l.slot)
+
+    @staticmethod
+    def _agg(l: _Layer) -> Aggregates:
+        return l.group.agg.select(l.slot)
+
     def top_samples(self, layer: int) -> Dict[str, np.ndarray]:
         """Current top-k state of a layer: scores and global sample indices, (H, R, 2, K)."""
-        return self.layers[layer].topk.state_dict()
+        return self._topk(self.layers[layer]).state_dict()
 
     def aggregates(self, layer: int) -> Aggregates:
-        return self.layers[layer].agg
+        """Current aggregates of a layer (count, mean, m2, min, max, nonfinite; (H, R, S))."""
+        return self._agg(self.layers[layer])
 
     def nonfinite(self) -> Dict[str, int]:
-        """Non-finite mode coordinates seen so far, per layer name (only layers with any)."""
-        return {l.site.name: int(l.nonfinite) for l in self.layers if int(l.nonfinite)}
+        """Non-finite per-sample statistics (from NaN/Inf in q or k) seen so far, per layer name
+        (only layers with any)."""
+        counts = {}
+        for g in self.groups:
+            per_layer = g.agg.nonfinite.flatten(1).sum(1).tolist()
+            counts.update({self.layers[i].site.name: int(n) for i, n in zip(g.layers, per_layer) if n})
+        return {l.site.name: counts[l.site.name] for l in self.layers if l.site.name in counts}
 
     # ------------------------------------------------------------------ hooks
     def _on_forward_start(self, module, args, kwargs):
@@ -244,6 +325,8 @@ class Probe:
             return
         step = self._step if self._step >= 0 else self._forwards
         self._recording = (step % self.options.every) == 0  # every N-th step (or forward)
+        for l in self.layers:  # left over by a forward that raised: never part of this batch
+            l.pending = []
         self._forwards += 1
         M = self.options.refresh_every
         if M and (self._last_refresh is None or step - self._last_refresh >= M):
@@ -257,21 +340,20 @@ class Probe:
             return
         l = self.layers[i]
         with torch.no_grad():
-            a, b = coordinates_from_qk(q, k, l.bases, dtype=torch.float32)
-            S = l.bases.S.to(a.device, torch.float32)
+            q, k = q.float(), k.float()
+            a, b = l.coordinates(q, k)
+            S = l.float_maps(q.device)[2]
             bias = info.get("rel_pos_bias")
+            # straight into the group's buffer (no copy at the end of the forward) where possible
+            direct = l.heads is None and not l.pending
             st = mode_statistics(a, b, S, l.bases.scale, prefix_tokens=l.bases.prefix_tokens or 0,
                                  include_prefix=self.options.include_prefix, topk=self.options.topk,
-                                 q=q.float(), k=k.float(),
-                                 attn_bias=None if bias is None else bias.float(), attention=self._attention)
+                                 q=q, k=k, attn_bias=None if bias is None else bias.float(),
+                                 attention=self._attention,
+                                 out=l.group.slot(l.slot, a.shape[0], a.device) if direct else None)
             if l.heads is not None:
                 st = st.index_select(1, l.heads.to(st.device))
-            # NaN/Inf in q or k reach the statistics: count non-finite statistics, a device
-            # tensor (no host sync per layer; read at commit time)
-            stored = st if len(self.stat_names) == len(STAT_NAMES) else \
-                st.index_select(-1, self._stat_cols.to(st.device))
-            l.nonfinite = l.nonfinite + (~torch.isfinite(stored)).sum()
-            l.pending.append(st.float())
+            l.pending.append(st)  # NaN/Inf from q or k are counted by the aggregates
 
     def _on_forward_end(self, module, args, output):
         if not self._recording:
@@ -291,23 +373,40 @@ class Probe:
         self._ids = None
         if len(ids) != B:
             raise ValueError(f"set_ids gave {len(ids)} ids for a batch of {B} samples")
-        rows, snaps = [], []
-        for l in self.layers:
-            st = torch.cat(l.pending) if len(l.pending) > 1 else l.pending[0]
-            l.pending = []
-            if st.shape[0] != B and st.shape[0] % B == 0:  # windowed attention: fold windows per sample
-                st = _fold_windows(st, B)
+        rows: List[Any] = [None] * len(self.layers)
+        snaps: List[Any] = [None] * len(self.layers)
+        for g in self.groups:
+            layers = [self.layers[i] for i in g.layers]
+            if g.filled(layers, B):
+                st = g.buffer  # (L, B, H, R, S): written by the hooks
+            else:  # several calls per forward, a head subset or windowed attention
+                per_layer = []
+                for l in layers:
+                    st = torch.cat(l.pending) if len(l.pending) > 1 else l.pending[0]
+                    if st.shape[0] != B and st.shape[0] % B == 0:  # windowed attention: fold windows per sample
+                        st = _fold_windows(st, B)
+                    per_layer.append(st)
+                st = torch.stack(per_layer)
+            for l in layers:
+                l.pending = []
             index = torch.arange(self.samples, self.samples + B, device=st.device)
-            l.topk.update(st[..., STAT_INDEX["score_pos"]], st[..., STAT_INDEX["score_neg"]], index)
-            if len(self.stat_names) != len(STAT_NAMES):
-                st = st.index_select(-1, self._stat_cols.to(st.device))
-            l.agg.update(st)
-            if self.writer is not None:
-                rows.append(st.cpu().numpy() if self.options.per_sample else None)
-                snap = {f"topk_{k}": v for k, v in l.topk.state_dict().items()}
-                snap.update({f"agg_{k}": v for k, v in l.agg.state_dict().items()})
-                snap["nonfinite_values"] = np.int64(int(l.nonfinite))
-                snaps.append(snap)
+            batch_first = st.movedim(0, 1)  # (B, L, H, R, S), a view
+            g.topk.update_columns(batch_first, STAT_INDEX["score_pos"], STAT_INDEX["score_neg"], index)
+            stored = None if len(self.stat_names) == len(STAT_NAMES) else self._stat_cols.to(st.device)
+            g.agg.update(batch_first, columns=stored)
+            if self.writer is None:
+                continue
+            if self.options.per_sample:
+                host = st.cpu().numpy()
+                cols = None if stored is None else self._stat_cols.numpy()
+                for j, i in enumerate(g.layers):
+                    rows[i] = host[j] if cols is None else host[j][..., cols]
+            state = {f"topk_{k}": v for k, v in g.topk.state_dict().items()}
+            state.update({f"agg_{k}": v for k, v in g.agg.state_dict().items()})
+            nonfinite = state["agg_nonfinite"].reshape(len(g.layers), -1).sum(1)
+            for j, i in enumerate(g.layers):
+                snaps[i] = {name: v[j] for name, v in state.items()}
+                snaps[i]["nonfinite_values"] = np.int64(nonfinite[j])
         self.samples += B
         if self.writer is not None:
             self.writer.write(ids, rows if self.options.per_sample else None, steps=[self._step] * B,
@@ -327,6 +426,7 @@ class Probe:
             ok = bool(torch.isfinite(w.W_q).all() and torch.isfinite(w.W_k).all())
             if ok:
                 l.bases = layer_bases(l.site, self.model, n_prefix=self._n_prefix)
+                l.maps = None
             flags.append(not ok)
         self._add_series_point(step, flags)
 
@@ -398,6 +498,8 @@ def attach(model: nn.Module, out: Optional[str] = None, **kwargs) -> Probe:
 
     Keyword arguments: the fields of :class:`ProbeOptions`, plus ``bases`` (precomputed
     LayerBases), ``metadata`` (dict stored in the file: model spec, weights hash, ...) and
-    ``resume`` (continue an existing file).
+    ``resume`` (continue an existing file) and ``chunk_rows`` (rows per HDF5 chunk of the per-sample
+    statistics, default 8: a commit rewrites a partly filled chunk, so keep it at most the batch
+    size; the file's own chunking is kept on resume).
     """
     return Probe(model, out, **kwargs)

@@ -29,8 +29,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-per-sample", action="store_true", help="store only aggregates and top-k, not per-image rows")
     p.add_argument("--include-prefix", action="store_true", help="keep cls/register tokens in the maps")
     p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
-    p.add_argument("--stats", help="comma-separated statistics to store (default: all; leaving out "
-                                   "attn_contrib,attn_share skips their attention computation)")
+    p.add_argument("--stats", help="'all', or comma-separated statistics to store (default: the map statistics "
+                                   "and scores; 'all' adds attn_contrib,attn_share, one more attention pass "
+                                   "per layer)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print the committed row count after every batch")
     p.set_defaults(func=run)
@@ -65,6 +66,13 @@ def _check_out(args, group=None) -> None:
         raise RunFileError(f"{args.out} already exists; pass --resume to continue it or choose another --out.")
     if args.resume and not os.path.exists(args.out):
         raise RunFileError(f"There is no {args.out} to resume; run without --resume to start it.")
+
+
+def _stats_option(text: Optional[str]):
+    """--stats: None (default set), "all", or a comma-separated list of names."""
+    if not text:
+        return None
+    return "all" if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
 
 
 def _check_resumable(path: str, meta: dict, options: dict) -> None:
@@ -184,7 +192,7 @@ def _run(args, group: Optional[_Group]) -> int:
         raise RunFileError(f"{args.spec} has no image preprocessing; qkprobe run needs a vision model.")
     options = ProbeOptions(top_samples=args.topk, topk=args.topk_mean, per_sample=not args.no_per_sample,
                            include_prefix=args.include_prefix, store_dtype=args.store_dtype,
-                           stats=args.stats.split(",") if args.stats else None)
+                           stats=_stats_option(args.stats))
     meta["versions"] = versions()
     done = set()
     if group is not None:
@@ -201,7 +209,8 @@ def _run(args, group: Optional[_Group]) -> int:
         with open_run(args.out) as done_run:
             done = set(done_run.ids) | {s for s, _ in done_run.skipped}
         paths = [p for p in paths if p not in done]
-    probe = attach(model, args.out, options=options, metadata=meta, resume=args.resume)
+    probe = attach(model, args.out, options=options, metadata=meta, resume=args.resume,
+                   chunk_rows=min(max(args.batch_size, 8), 256))
     loader = make_loader(paths, transform, batch_size=args.batch_size, workers=args.workers)
     t0, seen = time.perf_counter(), 0
     lead = group is None or group.rank == 0

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShapeError
+from . import native
 
 Tensor = torch.Tensor
 
@@ -46,6 +47,12 @@ STAT_NAMES = (
     "score_pos", "score_neg", "attn_contrib", "attn_share",
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
+#: The statistics of the attention share: each costs one more attention pass per layer (P b),
+#: about as much as the model's own attention (≈ 10 % of a ViT-S/16 forward on CPU).
+ATTENTION_STATS = ("attn_contrib", "attn_share")
+#: What a probe records unless told otherwise: the paper's map statistics and scores. The
+#: attention share is one option away (``stats="all"``, ``qkprobe run --stats all``).
+DEFAULT_STATS = tuple(n for n in STAT_NAMES if n not in ATTENTION_STATS)
 
 
 def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
@@ -149,6 +156,7 @@ def mode_statistics(
     k: Optional[Tensor] = None,
     attn_bias: Optional[Tensor] = None,
     attention: bool = True,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """Statistics of every mode of every head for every sample (see the module docstring).
 
@@ -171,6 +179,8 @@ def mode_statistics(
             when ``probs`` is None. With neither, q kᵀ is rebuilt as Σ_r S_r a_r b_rᵀ.
         attn_bias: added to the logits (float, broadcastable to (B, H, N, Nk)) or a boolean mask
             (True = may attend), as in ``scaled_dot_product_attention``. Ignored with ``probs``.
+        out: (B, H, R, len(STAT_NAMES)) tensor of the compute dtype to write the result into
+            (any strides; a probe passes its slot of a buffer shared by its layers).
 
     Returns:
         (B, H, R, len(STAT_NAMES)) in the compute dtype: float32 (bf16/fp16/float32 inputs are
@@ -194,23 +204,31 @@ def mode_statistics(
     b = b.detach().to(dt)
     S = S.detach().to(device=a.device, dtype=dt)
 
-    q_stats = _map_stats(a[:, :, p:, :], topk)  # token reductions, vectorized over R
-    k_stats = _map_stats(b[:, :, p:, :], topk)
-    score_pos = q_stats[1] * k_stats[1]
-    score_neg = q_stats[2] * k_stats[2]
+    if out is None:
+        out = torch.empty(B, H, R, len(STAT_NAMES), dtype=dt, device=a.device)
+    elif tuple(out.shape) != (B, H, R, len(STAT_NAMES)) or out.dtype != dt or out.device != a.device:
+        raise ShapeError(f"out must be a {dt} tensor of shape {(B, H, R, len(STAT_NAMES))} on {a.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}.")
+    kq, kk = min(topk, N - p), min(topk, b.shape[-2] - p)
+    if not (kq == kk and native.map_stats(a, b, p, kq, out)):  # one fused pass on CPU
+        q_stats = _map_stats(a[:, :, p:, :], topk)  # token reductions, vectorized over R
+        k_stats = _map_stats(b[:, :, p:, :], topk)
+        out[..., :12] = torch.stack((*q_stats, *k_stats, q_stats[1] * k_stats[1], q_stats[2] * k_stats[2]), -1)
 
     if not attention:
-        nan = torch.full_like(score_pos, float("nan"))
-        return torch.stack((*q_stats, *k_stats, score_pos, score_neg, nan, nan), dim=-1)
+        out[..., 12:] = float("nan")
+        return out
     pb = _attended_keys(a, b, S, scale, probs, q, k, attn_bias)  # (B, H, N, R)
+    if native.share_stats(a, pb, b, S, float(scale), out, STAT_INDEX["attn_contrib"]):
+        return out
     lift = a * (pb - b.mean(dim=-2, keepdim=True))  # a_ir ((P b)_ir − mean_j b_jr)
-    contrib = lift.mean(dim=-2) * S * float(scale)  # (B, H, R)
+    contrib = out[..., STAT_INDEX["attn_contrib"]]
+    torch.mul(lift.mean(dim=-2), S * float(scale), out=contrib)  # (B, H, R)
     total = contrib.sum(dim=-1, keepdim=True)
     nonzero = total != 0
-    share = torch.where(nonzero, contrib / torch.where(nonzero, total, torch.ones_like(total)),
-                        torch.zeros_like(contrib))
-
-    return torch.stack((*q_stats, *k_stats, score_pos, score_neg, contrib, share), dim=-1)
+    out[..., STAT_INDEX["attn_share"]] = torch.where(
+        nonzero, contrib / torch.where(nonzero, total, torch.ones_like(total)), torch.zeros_like(contrib))
+    return out
 
 
 def count_nonfinite(a: Tensor, b: Optional[Tensor] = None) -> int:

@@ -7,14 +7,18 @@ as one pass over the data.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..errors import ShapeError
+from . import native
 
 Tensor = torch.Tensor
+
+
+_LOW = 1 << 32
 
 
 def _select_topk(scores: Tensor, index: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -23,10 +27,27 @@ def _select_topk(scores: Tensor, index: Tensor, k: int) -> Tuple[Tensor, Tensor]
     scores (..., C) float32, index (..., C) int64, C ≥ k. The tie rule makes the result
     independent of the order in which batches and states arrive (``topk`` alone is not stable).
     Non-finite scores count as empty slots (-inf, index -1).
+
+    Indices below 2³² − 1 (any real dataset) take one ``topk`` over a packed int64 key,
+
+        key = ordered(score) · 2³² + (2³² − 2 − index),
+
+    where ``ordered`` maps float32 to int32 preserving order (bits of negative floats flipped):
+    a bijection, so keys of distinct samples are distinct and (score, index) decode exactly.
+    Larger indices take two stable sorts.
     """
     bad = ~torch.isfinite(scores)
     scores = scores.masked_fill(bad, float("-inf"))
     index = index.masked_fill(bad, -1)
+    if index.numel() == 0 or int(index.max()) < _LOW - 2:
+        bits = (scores + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 ties with 0.0, as in the sorts
+        ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+        key = torch.topk(ordered * _LOW + (_LOW - 2 - index), k, dim=-1, sorted=True).values
+        high = torch.div(key, _LOW, rounding_mode="floor")
+        index = (_LOW - 2) - (key - high * _LOW)
+        high = high.to(torch.int32)
+        scores = torch.where(high < 0, high ^ 0x7FFFFFFF, high).view(torch.float32)
+        return scores, index
     # Two stable sorts = lexicographic (score descending, index ascending); empty slots (-1)
     # only tie with other empty slots.
     order = torch.sort(index, dim=-1, stable=True).indices
@@ -42,6 +63,9 @@ class TopKSamples:
     Sign 0 ranks samples by ``score_pos`` = max(a)·max(b), sign 1 by ``score_neg`` =
     min(a)·min(b). Slots not yet filled hold score -inf and index -1.
 
+    ``TopKSamples(H, R, k=16)``; more leading axes are allowed, e.g. ``TopKSamples(L, H, R)``
+    for L layers of the same shape updated together (:meth:`select` gives one layer's state).
+
     Attributes:
         scores: (H, R, 2, K) float32, descending along the last axis.
         index: (H, R, 2, K) int64, the global sample index of each slot.
@@ -50,32 +74,49 @@ class TopKSamples:
     would take two slots).
     """
 
-    def __init__(self, num_heads: int, num_modes: int, k: int = 16, device="cpu"):
+    def __init__(self, *shape: int, k: int = 16, device="cpu"):
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}.")
+        if not shape:
+            raise ShapeError("TopKSamples needs a shape, e.g. TopKSamples(num_heads, num_modes, k=16).")
         self.k = int(k)
-        shape = (num_heads, num_modes, 2, self.k)
-        self.scores = torch.full(shape, float("-inf"), dtype=torch.float32, device=device)
-        self.index = torch.full(shape, -1, dtype=torch.int64, device=device)
+        full = (*(int(n) for n in shape), 2, self.k)
+        self.scores = torch.full(full, float("-inf"), dtype=torch.float32, device=device)
+        self.index = torch.full(full, -1, dtype=torch.int64, device=device)
 
     @property
-    def shape(self) -> Tuple[int, int]:
-        return tuple(self.scores.shape[:2])
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.scores.shape[:-2])
+
+    def select(self, i: int) -> "TopKSamples":
+        """A copy of the state of entry ``i`` of the first axis."""
+        out = TopKSamples.__new__(TopKSamples)
+        out.k, out.scores, out.index = self.k, self.scores[i].clone(), self.index[i].clone()
+        return out
 
     def update(self, score_pos: Tensor, score_neg: Tensor, sample_index: Tensor) -> None:
         """Fold in one batch. score_pos, score_neg: (B, H, R); sample_index: (B,) int64."""
-        H, R = self.shape
-        if score_pos.shape != score_neg.shape or tuple(score_pos.shape[1:]) != (H, R):
-            raise ShapeError(f"score_pos and score_neg must be (B, {H}, {R}), got "
-                             f"{tuple(score_pos.shape)} and {tuple(score_neg.shape)}.")
-        B = score_pos.shape[0]
+        if score_pos.shape != score_neg.shape:
+            raise ShapeError(f"score_pos and score_neg must have the same shape, got {tuple(score_pos.shape)} "
+                             f"and {tuple(score_neg.shape)}.")
+        self.update_columns(torch.stack((score_pos, score_neg), dim=-1), 0, 1, sample_index)
+
+    def update_columns(self, stats: Tensor, pos: int, neg: int, sample_index: Tensor) -> None:
+        """Fold in one batch of statistics (B, H, R, S) whose columns ``pos`` and ``neg`` are the
+        two scores (any strides: a probe passes its statistics buffer as it is)."""
+        shape = self.shape
+        if tuple(stats.shape[1:-1]) != shape:
+            raise ShapeError(f"scores must be (B, {', '.join(map(str, shape))}), got {tuple(stats.shape[:-1])}.")
+        B = stats.shape[0]
         sample_index = torch.as_tensor(sample_index, dtype=torch.int64, device=self.scores.device)
         if tuple(sample_index.shape) != (B,):
             raise ShapeError(f"sample_index must be ({B},), got {tuple(sample_index.shape)}.")
+        if native.topk_update(stats, pos, neg, sample_index, self.scores, self.index):
+            return  # in place, on the CPU
         dev = self.scores.device
-        batch = torch.stack((score_pos, score_neg), dim=-1).to(dev, torch.float32)  # (B, H, R, 2)
-        batch = batch.permute(1, 2, 3, 0)  # (H, R, 2, B)
-        idx = sample_index.expand(H, R, 2, B)
+        batch = stats[..., [pos, neg]].to(dev, torch.float32)  # (B, H, R, 2)
+        batch = batch.movedim(0, -1)  # (H, R, 2, B)
+        idx = sample_index.expand(*shape, 2, B)
         self.scores, self.index = _select_topk(torch.cat((self.scores, batch), dim=-1),
                                                torch.cat((self.index, idx), dim=-1), self.k)
 
@@ -99,7 +140,7 @@ class TopKSamples:
             raise ShapeError(f"top-k state of shape {tuple(scores.shape)} / {tuple(index.shape)} "
                              f"does not fit {tuple(self.scores.shape)}.")
         dev = self.scores.device
-        self.scores, self.index = scores.to(dev), index.to(dev)
+        self.scores, self.index = scores.to(dev).clone(), index.to(dev).clone()  # updated in place later
 
 
 def _chan(n_a: Tensor, mean_a: Tensor, m2_a: Tensor,
@@ -143,6 +184,13 @@ class Aggregates:
     def shape(self) -> Tuple[int, ...]:
         return tuple(self.count.shape)
 
+    def select(self, i: int) -> "Aggregates":
+        """A copy of the aggregates of entry ``i`` of the first axis."""
+        out = Aggregates.__new__(Aggregates)
+        for f in self._FIELDS:
+            setattr(out, f, getattr(self, f)[i].clone())
+        return out
+
     def _fold(self, count, mean, m2, lo, hi, nonfinite) -> None:
         _, self.mean, self.m2 = _chan(self.count.double(), self.mean, self.m2,
                                       count.double(), mean, m2)
@@ -151,13 +199,31 @@ class Aggregates:
         self.max = torch.maximum(self.max, hi)
         self.nonfinite = self.nonfinite + nonfinite
 
-    def update(self, x: Tensor) -> None:
-        """Fold in a batch x (B, H, R, S): its own mean and M2 (two-pass), then a Chan merge."""
-        if tuple(x.shape[1:]) != self.shape:
+    def update(self, x: Tensor, columns: Optional[Tensor] = None) -> None:
+        """Fold in a batch x (B, H, R, S): its own mean and M2 (two-pass), then a Chan merge.
+
+        ``columns``: take these entries of x's last axis (x then has any number of them); a
+        probe passes its whole statistics buffer and the indices of the stored statistics."""
+        shape = self.shape if columns is None else self.shape[:-1]
+        if tuple(x.shape[1:len(shape) + 1]) != shape or x.dim() != len(self.shape) + 1 \
+                or (columns is not None and len(columns) != self.shape[-1]):
             raise ShapeError(f"statistics must be (B, {', '.join(map(str, self.shape))}), "
                              f"got {tuple(x.shape)}.")
+        if x.shape[0] == 0:
+            return
+        if native.aggregate_update(x.detach(), columns, self.count, self.mean, self.m2, self.min, self.max,
+                                   self.nonfinite):
+            return  # in place, on the CPU
+        if columns is not None:
+            x = x.index_select(-1, columns.to(x.device))
         x = x.detach().to(self.mean.device, torch.float64)
         ok = torch.isfinite(x)
+        if bool(ok.all()):  # the common case, without masks
+            n = torch.full(self.shape, x.shape[0], dtype=torch.int64, device=x.device)
+            mean = x.mean(dim=0)
+            m2 = (x - mean).square().sum(dim=0)
+            self._fold(n, mean, m2, x.amin(dim=0), x.amax(dim=0), torch.zeros_like(n))
+            return
         n = ok.sum(dim=0)  # (H, R, S) int64
         nf = n.double()
         safe = torch.where(n > 0, nf, torch.ones_like(nf))
@@ -192,6 +258,6 @@ class Aggregates:
             t = torch.as_tensor(np.asarray(state[f]), dtype=getattr(self, f).dtype)
             if tuple(t.shape) != self.shape:
                 raise ShapeError(f"aggregate '{f}' of shape {tuple(t.shape)} does not fit {self.shape}.")
-            loaded[f] = t.to(dev)
+            loaded[f] = t.to(dev).clone()  # updated in place later: never the caller's memory
         for f, t in loaded.items():
             setattr(self, f, t)

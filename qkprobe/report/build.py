@@ -418,7 +418,7 @@ def _importance_section(ctx: _Ctx, r: RunData, ri: int, band: float) -> Tuple[st
     parts = [f'<h3 id="run{ri}-importance">Mode importance</h3>']
     layers = [l for l in r.layers if l.share is not None]
     if not layers:
-        parts.append('<p class="note">The file has no attention-share statistic, so mode importance is not shown.</p>')
+        parts.append('<p class="note">The file has no attention-share statistic, so mode importance is not shown (record it with <code>qkprobe run --stats all</code>).</p>')
         return "\n".join(parts), {"layers": []}
     cos = [l.cosine[l.heads] for l in layers]
     share = [l.share for l in layers]

@@ -98,8 +98,10 @@ class RunWriter:
         per_sample: store one (H, R, S) row per sample and layer; ids and steps are always stored.
         store_dtype: "float32" or "float16" for the per-sample rows.
         compression: "blosc-zstd", "blosc-lz4", "gzip", "lzf" or None (per-sample rows only).
-        chunk_rows: rows per chunk of ``stats``. A commit rewrites the last, partly filled chunk,
-            so keep it at most the batch size (ideally a divisor of it).
+        chunk_rows: rows per chunk of ``stats``. A commit compresses and rewrites the last, partly
+            filled chunk (and HDF5 does not reuse the space it leaves), so keep it at most the batch
+            size, ideally a divisor of it: with 64-row chunks and batches of 8, every chunk was
+            compressed 8 times and the file grew to 3x its size.
         resume: continue an existing file (rows past its counter are dropped); a missing file
             is created.
         queue_size: batches waiting for the thread before ``write`` blocks.
@@ -115,7 +117,7 @@ class RunWriter:
 
     def __init__(self, path, layers: Sequence[LayerSpec], stat_names: Sequence[str], metadata: dict, *,
                  per_sample: bool = True, store_dtype: str = "float32",
-                 compression: Optional[str] = "blosc-zstd", chunk_rows: int = 64,
+                 compression: Optional[str] = "blosc-lz4", chunk_rows: int = 8,
                  resume: bool = False, queue_size: int = 4,
                  commit_interval_s: float = 30.0, fsync_interval_s: float = 60.0,
                  id_is_unique: bool = True, min_free_bytes: Optional[int] = None):
@@ -391,6 +393,8 @@ class RunWriter:
         slot = schema.snapshot_slot(self._generation)
         # Latest snapshot values; every commit that changes one writes all of them to the new slot.
         self._snapshot_values = [{name: ds[slot] for name, ds in g.items()} for g in self._snapshot_sets]
+        self._snapshot_slots = [{name: (_slot_writer(ds, 0), _slot_writer(ds, 1)) for name, ds in g.items()}
+                                for g in self._snapshot_sets]
         self._snapshot_dirty = False
         self._pending_skipped: list = []
         self._series_step = f[schema.SERIES_STEP]
@@ -581,7 +585,7 @@ class RunWriter:
             if self.per_sample:
                 for dataset, rows in zip(self._stats, batch.rows):
                     dataset.resize(stop, axis=0)
-                    dataset[start:stop] = rows
+                    _write_rows(dataset, start, rows)
             self._steps.resize((stop,))
             self._steps[start:stop] = batch.steps
             self._ids.append(batch.ids)
@@ -612,9 +616,9 @@ class RunWriter:
         if self._snapshot_dirty:
             generation += 1
             slot = schema.snapshot_slot(generation)
-            for datasets, values in zip(self._snapshot_sets, self._snapshot_values):
+            for slots, values in zip(self._snapshot_slots, self._snapshot_values):
                 for name, value in values.items():
-                    datasets[name][slot] = value
+                    slots[name][slot](value)
         self._file.flush()
         state = np.array([self._rows, self._skipped_ids.count, generation, self._series], dtype=np.int64)
         self._committed[...] = state
@@ -785,6 +789,31 @@ def _check_directory(path: Path) -> None:
                            f"output path.")
     if not os.access(parent, os.W_OK):
         raise RunFileError(f"The directory {parent} is not writable; choose another output path.")
+
+
+def _slot_writer(dataset: h5py.Dataset, slot: int):
+    """A function writing one full entry ``dataset[slot]`` through h5py's low-level API.
+
+    A commit writes every snapshot array of every layer (about ten per layer); ``dataset[slot] =``
+    costs ~50 µs of Python selection handling per call, all of it under the GIL that the model's
+    forward thread waits for. The dataspaces are built once here."""
+    shape = dataset.shape[1:]
+    file_space = dataset.id.get_space()
+    file_space.select_hyperslab((slot,) + (0,) * len(shape), (1,) + shape)
+    memory_space = h5py.h5s.create_simple((1,) + shape)
+    dtype = dataset.dtype
+
+    def write(value: np.ndarray) -> None:
+        dataset.id.write(memory_space, file_space, np.ascontiguousarray(value, dtype=dtype).reshape((1,) + shape))
+    return write
+
+
+def _write_rows(dataset: h5py.Dataset, start: int, rows: np.ndarray) -> None:
+    """``dataset[start:start + len(rows)] = rows`` (already resized) through the low-level API."""
+    file_space = dataset.id.get_space()
+    file_space.select_hyperslab((start,) + (0,) * (rows.ndim - 1), rows.shape)
+    dataset.id.write(h5py.h5s.create_simple(rows.shape), file_space,
+                     np.ascontiguousarray(rows, dtype=dataset.dtype))
 
 
 def _check_choice(name: str, value, choices) -> Any:

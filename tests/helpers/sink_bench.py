@@ -25,10 +25,10 @@ from qkprobe.sinks.hdf5_writer import LayerSpec, RunWriter  # noqa: E402
 LAYERS, HEADS, MODES, STATS, TOPK = 12, 6, 64, 14, 16
 
 CONFIGS = [
-    ("blosc-zstd float32 (default)", {}),
-    ("blosc-zstd float32, commit every batch", {"commit_interval_s": 0.0}),
-    ("blosc-zstd float16", {"store_dtype": "float16"}),
-    ("blosc-lz4 float32", {"compression": "blosc-lz4"}),
+    ("blosc-lz4 float32 (default)", {}),
+    ("blosc-lz4 float32, commit every batch", {"commit_interval_s": 0.0}),
+    ("blosc-lz4 float16", {"store_dtype": "float16"}),
+    ("blosc-zstd float32", {"compression": "blosc-zstd"}),
     ("no compression float32", {"compression": None}),
     ("per_sample=False (ids + snapshot only)", {"per_sample": False}),
 ]
