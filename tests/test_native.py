@@ -107,6 +107,16 @@ def test_build_is_cached_and_missing_compiler_falls_back(monkeypatch, tmp_path, 
     monkeypatch.setattr(native, "_tried", False)
     assert native.library() is not None and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
 
+    # a compiler without OpenMP: the same kernels, built single-threaded
+    monkeypatch.setenv("QKPROBE_CACHE", str(tmp_path / "no-openmp"))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_OPENMP", ["-fno-such-openmp-flag"])
+    assert native.library() is not None
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 3, 20, 16, generator=g), torch.randn(2, 3, 20, 16, generator=g)
+    torch.testing.assert_close(_native(a, b, 1, 5)[..., :12].double(), _torch_map_stats(a, b, 1, 5))
+
     # a compiler that fails: one warning, the torch path, same statistics
     monkeypatch.setenv("QKPROBE_CACHE", str(tmp_path / "other"))
     monkeypatch.setattr(native, "_lib", None)

@@ -401,8 +401,9 @@ class Probe:
                 cols = None if stored is None else self._stat_cols.numpy()
                 for j, i in enumerate(g.layers):
                     rows[i] = host[j] if cols is None else host[j][..., cols]
-            state = {f"topk_{k}": v for k, v in g.topk.state_dict().items()}
-            state.update({f"agg_{k}": v for k, v in g.agg.state_dict().items()})
+            # views of the live state: writer.write copies them before this method returns
+            state = {f"topk_{k}": v for k, v in g.topk.state_dict(copy=False).items()}
+            state.update({f"agg_{k}": v for k, v in g.agg.state_dict(copy=False).items()})
             nonfinite = state["agg_nonfinite"].reshape(len(g.layers), -1).sum(1)
             for j, i in enumerate(g.layers):
                 snaps[i] = {name: v[j] for name, v in state.items()}

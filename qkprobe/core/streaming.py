@@ -130,8 +130,11 @@ class TopKSamples:
             torch.cat((self.scores, other.scores.to(dev)), dim=-1),
             torch.cat((self.index, other.index.to(dev)), dim=-1), self.k)
 
-    def state_dict(self) -> Dict[str, np.ndarray]:
-        return {"scores": self.scores.cpu().numpy().copy(), "index": self.index.cpu().numpy().copy()}
+    def state_dict(self, copy: bool = True) -> Dict[str, np.ndarray]:
+        """scores and index as numpy arrays; ``copy=False`` may return views of the live state
+        (on the CPU), for a caller that copies them at once."""
+        out = {"scores": self.scores.cpu().numpy(), "index": self.index.cpu().numpy()}
+        return {k: v.copy() for k, v in out.items()} if copy else out
 
     def load_state_dict(self, state: Dict[str, np.ndarray]) -> None:
         scores = torch.as_tensor(np.asarray(state["scores"]), dtype=torch.float32)
@@ -248,8 +251,11 @@ class Aggregates:
         return torch.where(n > 0, self.m2 / torch.where(n > 0, n, torch.ones_like(n)),
                            torch.full_like(n, float("nan")))
 
-    def state_dict(self) -> Dict[str, np.ndarray]:
-        return {f: getattr(self, f).cpu().numpy().copy() for f in self._FIELDS}
+    def state_dict(self, copy: bool = True) -> Dict[str, np.ndarray]:
+        """Every field as a numpy array; ``copy=False`` may return views of the live state (on
+        the CPU), for a caller that copies them at once."""
+        out = {f: getattr(self, f).cpu().numpy() for f in self._FIELDS}
+        return {k: v.copy() for k, v in out.items()} if copy else out
 
     def load_state_dict(self, state: Dict[str, np.ndarray]) -> None:
         dev = self.mean.device

@@ -33,6 +33,9 @@ log = logging.getLogger("qkprobe")
 
 _SOURCES = [Path(__file__).with_name(n) for n in ("map_stats.c", "streaming.c")]
 _FLAGS = ["-O3", "-march=native", "-std=c99", "-shared", "-fPIC"]  # native: AVX-512 / AVX2 paths
+# OpenMP where the compiler has it. Loaded after torch, the library binds to the libgomp.so.1
+# torch already loaded (same soname), so its parallel loops use torch's threads and thread count.
+_OPENMP = ["-fopenmp"]
 KMAX = 64  # as in map_stats.c
 N_MAP_STATS = 12  # columns written: 5 per side + 2 scores
 
@@ -68,15 +71,19 @@ def _compiler() -> Optional[str]:
 
 def _build(cc: str) -> Path:
     source = b"".join(p.read_bytes() for p in _SOURCES)
-    key = hashlib.sha256(source + " ".join([cc, *_FLAGS, platform.machine(), platform.node()]).encode()).hexdigest()
+    key = hashlib.sha256(source + " ".join([cc, *_FLAGS, *_OPENMP, platform.machine(),
+                                            platform.node()]).encode()).hexdigest()
     target = _cache_dir() / f"kernels-{key[:16]}.so"
     if target.exists():
         return target
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"], check=True,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        command = [cc, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"]
+        try:
+            subprocess.run(command + _OPENMP, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        except subprocess.CalledProcessError:  # no OpenMP: the same kernels, one thread
+            subprocess.run(command, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
         os.replace(tmp, target)  # atomic: concurrent builders (DDP ranks) never see half a file
     finally:
         if os.path.exists(tmp):
@@ -144,8 +151,8 @@ def map_stats(a: Tensor, b: Tensor, prefix: int, k: int, out: Tensor) -> bool:
     B, H, Na, R = a.shape
     strides = [(ctypes.c_int64 * 4)(*t.stride()) for t in (a, b, out)]
 
-    # One thread, the caller's: splitting the items with a helper thread measured no faster in
-    # the forward pass (paired A/B, ViT-S/16): it competes with torch's workers for the cores.
+    # Parallel over items through OpenMP (torch's runtime, see _OPENMP); a Python helper thread
+    # instead measured no faster in the forward pass, competing with torch's workers.
     code = lib.qkprobe_map_stats(a.data_ptr(), strides[0], Na, b.data_ptr(), strides[1], b.shape[-2], H, R,
                                  prefix, k, out.data_ptr(), strides[2], 0, B * H)
     if code:

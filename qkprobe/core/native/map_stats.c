@@ -8,7 +8,8 @@
  *   out[.., 5..9] = the same for b
  *   out[.., 10]   = max(a) * max(b),   out[.., 11] = min(a) * min(b)
  *
- * out is (B, H, R, S) with the given strides (S >= 12). Per block of LANES modes the k largest
+ * out is (B, H, R, S) with the given strides (S >= 12). Items run in parallel where the library
+ * was built with OpenMP (it then shares torch's OpenMP runtime and thread count). Per block of LANES modes the k largest
  * values are kept sorted in k vector registers and every token is merged in by a compare-exchange
  * chain (max/min only, no branches), likewise the k smallest; the max is top[0], the min
  * bottom[0]. A mode with a NaN token gets NaN for all five statistics of that side (torch's
@@ -156,6 +157,7 @@ int qkprobe_map_stats(const float *a, const int64_t *as, int64_t na,
 {
     if (k < 1 || k > KMAX || p < 0 || p + k > na || p + k > nb)
         return 1;
+#pragma omp parallel for schedule(static)
     for (int64_t item = item_start; item < item_end; item++) {
         const int64_t s = item / H, h = item % H;
         float *o = out + s * os[0] + h * os[1];
@@ -182,8 +184,9 @@ void qkprobe_share(const float *a, const int64_t *as, int64_t na, const float *p
                    const float *b, const int64_t *bs, int64_t nb, int64_t B, int64_t H, int64_t R,
                    const float *S, float scale, float *out, const int64_t *os, int64_t col)
 {
-    float dot[R], sa[R], sb[R];
+#pragma omp parallel for schedule(static)
     for (int64_t item = 0; item < B * H; item++) {
+        float dot[R], sa[R], sb[R];
         const int64_t s = item / H, h = item % H;
         const float *A = a + s * as[0] + h * as[1], *P = pb + s * ps[0] + h * ps[1], *K = b + s * bs[0] + h * bs[1];
         for (int64_t r = 0; r < R; r++) { dot[r] = 0.0f; sa[r] = 0.0f; sb[r] = 0.0f; }

@@ -21,6 +21,7 @@ void qkprobe_aggregate(const float *x, int64_t B, int64_t L, int64_t G, const in
                        const int64_t *cols, int64_t C, int64_t *count, double *mean, double *m2,
                        double *mn, double *mx, int64_t *nonfinite)
 {
+#pragma omp parallel for collapse(2) schedule(static)
     for (int64_t l = 0; l < L; l++) {
         for (int64_t g = 0; g < G; g++) {
             for (int64_t c = 0; c < C; c++) {
@@ -67,6 +68,7 @@ static inline int better(float s, int64_t i, float t, int64_t j)
 void qkprobe_topk_update(const float *x, int64_t B, int64_t L, int64_t G, const int64_t *xs, int64_t pos,
                          int64_t neg, const int64_t *sample_index, float *scores, int64_t *index, int64_t K)
 {
+#pragma omp parallel for collapse(2) schedule(static)
     for (int64_t l = 0; l < L; l++) {
         for (int64_t g = 0; g < G; g++) {
             for (int sign = 0; sign < 2; sign++) {
