@@ -28,6 +28,7 @@ import torch.nn as nn
 from .adapters.base import QKWeights
 from .adapters.discover import AttentionSite, find_attention, prefix_tokens
 from .core.modes import QKModes, fold_affine_norm, qk_modes
+from .core.summary import weighted_cosine
 
 Tensor = torch.Tensor
 
@@ -77,8 +78,7 @@ class LayerBases:
 
     def weighted_cosine(self) -> Tensor:
         """(H,) the paper's singular-value-weighted cosine per head: Σ_r (s_r/Σs) cos_r."""
-        w = self.S / self.S.sum(-1, keepdim=True).clamp_min(torch.finfo(self.S.dtype).tiny)
-        return (w * self.cosine).sum(-1)
+        return weighted_cosine(self.S, self.cosine)
 
     def layer_summary(self) -> dict:
         """Mean cosine and mean (over heads) S-weighted cosine of the layer."""

@@ -10,6 +10,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .core.summary import weighted_cosine
+
 
 def layer_summaries(bases: Sequence) -> List[Dict[str, float]]:
     """Per layer: ``mean_cosine`` (mean over heads and modes of u_r·v_r) and
@@ -89,10 +91,7 @@ def random_cosine_band(dim: int, quantile: float = 0.99) -> float:
 
 def head_weighted_cosine(S, cosine) -> np.ndarray:
     """(H,) Σ_r (s_r/Σs) cos_r per head (the S-weighted cosine of each head)."""
-    S = np.asarray(S, dtype=np.float64)
-    cos = np.asarray(cosine, dtype=np.float64)
-    w = S / np.maximum(S.sum(-1, keepdims=True), np.finfo(np.float64).tiny)
-    return (w * cos).sum(-1)
+    return weighted_cosine(np.asarray(S, dtype=np.float64), np.asarray(cosine, dtype=np.float64))
 
 
 # --------------------------------------------------------------------------- spectra

@@ -145,3 +145,13 @@ def test_principal_angles_of_a_known_rotation():
     assert ang.shape == (1, 2)
     assert abs(ang[0, 0].item()) < 1e-6 and abs(ang[0, 1].item() - theta) < 1e-6  # ascending
     assert torch.isnan(principal_angles(U0, U1 * float("nan"))).all()
+
+
+def test_weighted_cosine_same_for_torch_and_numpy():
+    import numpy as np
+    from qkprobe.core.summary import weighted_cosine
+    S = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    cos = torch.tensor([[0.5, -1.0, 0.9], [0.2, 0.3, 0.4]], dtype=torch.float64)
+    expected = [(3 * 0.5 - 1.0) / 4, 0.0]  # all-zero spectrum: 0
+    torch.testing.assert_close(weighted_cosine(S, cos), torch.tensor(expected, dtype=torch.float64))
+    np.testing.assert_allclose(weighted_cosine(S.numpy(), cos.numpy()), expected)
