@@ -45,17 +45,23 @@ def layer_curve(series: Dict[str, Sequence[Dict[str, float]]], ax=None, title: s
         color = f"C{i}"
         ax.plot(x, [r["weighted_cosine"] for r in rows], "-o", color=color, ms=3, label=f"{label} (S-weighted)")
         ax.plot(x, [r["mean_cosine"] for r in rows], "--", color=color, alpha=0.7, label=f"{label} (mean)")
-    ax.axhline(0.0, color="0.5", lw=0.8)
+    return _finish_depth_plot(fig, ax, "cosine(u_r, v_r)", title or "query-key mode cosine per layer", 0.8)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _finish_depth_plot(fig, ax, ylabel: str, title: str, zero_width: float):
+    """Zero line, labels, title and legend of a curve over relative depth; the figure (made
+    here when ``fig`` is not None, else the axes' own)."""
+    ax.axhline(0.0, color="0.5", lw=zero_width)
     ax.set_xlabel("relative depth")
-    ax.set_ylabel("cosine(u_r, v_r)")
-    ax.set_title(title or "query-key mode cosine per layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     if fig is not None:
         fig.tight_layout()
     return fig or ax.figure
 
-
-# --------------------------------------------------------------------------- helpers
 
 def _pyplot():
     """pyplot, on the Agg backend unless the caller (a notebook, a GUI script, MPLBACKEND) chose one."""
@@ -218,14 +224,8 @@ def share_by_sign(rows: Sequence[Dict[str, float]], ax=None, title: str = ""):
                               ("dissimilar", "tab:blue", "cos < −band (dissimilar tokens)"),
                               ("neutral", "0.5", "|cos| ≤ band")):
         ax.plot(x, [r[key] for r in rows], "-o", ms=3, color=color, label=label)
-    ax.axhline(0.0, color="0.5", lw=0.6)
-    ax.set_xlabel("relative depth")
-    ax.set_ylabel("attention share (mean over heads)")
-    ax.set_title(title or "which modes carry the attention")
-    ax.legend(fontsize=7)
-    if fig is not None:
-        fig.tight_layout()
-    return fig or ax.figure
+    return _finish_depth_plot(fig, ax, "attention share (mean over heads)",
+                              title or "which modes carry the attention", 0.6)
 
 
 # --------------------------------------------------------------------------- optimal images

@@ -291,3 +291,24 @@ def test_forward_that_raises_leaves_nothing_for_the_next_batch(tmp_path):
         for i in range(len(probe.layers)):
             np.testing.assert_array_equal(run.stats(i), ref.stats(i))
             np.testing.assert_array_equal(run.snapshot(i, "agg_count"), ref.snapshot(i, "agg_count"))
+
+
+def test_layers_of_different_shapes_keep_their_own_state(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1), num_heads=(3, 6),
+                              embed_dim=48, img_size=56).eval()
+    x = torch.randn(3, 3, 56, 56)
+    with qkprobe.attach(model, str(tmp_path / "all.h5")) as probe:
+        with torch.no_grad():
+            model(x)
+    assert len(probe.groups) == 2 and [len(g.layers) for g in probe.groups] == [1, 1]
+    with qkprobe.open_run(str(tmp_path / "all.h5")) as run:
+        assert [run.stats(i).shape[1] for i in range(2)] == [3, 6]
+        for i in range(2):  # each layer alone: the same rows, top-k and aggregates
+            with qkprobe.attach(model, str(tmp_path / f"only{i}.h5"), layers=[i]):
+                with torch.no_grad():
+                    model(x)
+            with qkprobe.open_run(str(tmp_path / f"only{i}.h5")) as alone:
+                np.testing.assert_array_equal(run.stats(i), alone.stats(0))
+                for name in ("topk_index", "agg_mean", "agg_count"):
+                    np.testing.assert_array_equal(run.snapshot(i, name), alone.snapshot(0, name))

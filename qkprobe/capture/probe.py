@@ -79,7 +79,7 @@ class _Layer:
     group: "_Group"
     slot: int                      # this layer's entry on the group's first axis
     pending: List[Tensor] = field(default_factory=list)
-    maps: Optional[tuple] = None   # (coord_q, coord_k, S) as float32 on the capture device
+    maps: Optional[tuple] = None   # float_maps() cache
 
     def float_maps(self, device) -> tuple:
         """(coord_q, coord_k, S, [coord_q; coord_k]) as float32 on ``device``, cached."""
@@ -145,29 +145,27 @@ class Probe:
         n_prefix = prefix_tokens(model)
         by_name = {b.name: b for b in bases} if bases is not None else {}
         chosen = self._select(sites, self.options.layers)
-        self.layers: List[_Layer] = []
         device = _model_device(model)
         shapes: Dict[tuple, List[tuple]] = {}
-        for site in chosen:
+        for index, site in enumerate(chosen):
             lb = by_name.get(site.name) or layer_bases(site, model, n_prefix=n_prefix)
             H = lb.num_heads
             heads = None if self.options.heads is None else torch.as_tensor(self.options.heads, dtype=torch.long)
             if heads is not None and (heads.min() < 0 or heads.max() >= H):
                 raise ValueError(f"heads {self.options.heads} out of range for {site.name} with {H} heads")
             nh = H if heads is None else len(heads)
-            shapes.setdefault((nh, lb.num_modes), []).append((site, lb, heads))
+            shapes.setdefault((nh, lb.num_modes), []).append((index, site, lb, heads))
         self.groups: List[_Group] = []
-        layers: Dict[str, _Layer] = {}
+        layers: Dict[int, _Layer] = {}
         for (nh, R), members in shapes.items():
             L = len(members)
-            group = _Group([], TopKSamples(L, nh, R, k=self.options.top_samples, device=device),
+            group = _Group([index for index, *_ in members],
+                           TopKSamples(L, nh, R, k=self.options.top_samples, device=device),
                            Aggregates((L, nh, R, len(self.stat_names)), device))
             self.groups.append(group)
-            for slot, (site, lb, heads) in enumerate(members):
-                layers[site.name] = _Layer(site, lb, heads, group, slot)
-        self.layers = [layers[site.name] for site in chosen]  # model order
-        for i, l in enumerate(self.layers):
-            l.group.layers.append(i)
+            for slot, (index, site, lb, heads) in enumerate(members):
+                layers[index] = _Layer(site, lb, heads, group, slot)
+        self.layers: List[_Layer] = [layers[i] for i in range(len(chosen))]  # model order
         self._forwards = 0
         self._recording = False
         self._ids: Optional[List[str]] = None

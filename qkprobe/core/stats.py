@@ -12,7 +12,8 @@ For every sample, head h and mode r, :func:`mode_statistics` returns the statist
   ``prefix_tokens`` tokens, cls and registers, are left out unless ``include_prefix``);
 - ``q_top_pos, q_top_neg``: mean of the ``topk`` largest / smallest a_r (topk clipped to the
   number of map tokens);
-- ``k_*``: the same for b_r;
+- ``k_*``: the same for b_r. A mode with a NaN coordinate on a side gets NaN for all five
+  statistics of that side (±inf values are ranked as numbers);
 - ``score_pos = max(a_r) · max(b_r)``, ``score_neg = min(a_r) · min(b_r)``: the paper's score of
   a sample for the mode, for each sign of the (arbitrary) singular-vector pair;
 - ``attn_contrib``: with the head's attention probabilities P (B, H, N, Nk) over all tokens
@@ -103,7 +104,9 @@ def _map_stats(x: Tensor, topk: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Te
 
     Reductions over dim -2 run vectorized across the contiguous R axis."""
     top_pos, top_neg = _topk_means(x, min(topk, x.shape[-2]))
-    return x.mean(dim=-2), x.amax(dim=-2), x.amin(dim=-2), top_pos, top_neg
+    stats = (x.mean(dim=-2), x.amax(dim=-2), x.amin(dim=-2), top_pos, top_neg)
+    nan = torch.isnan(x).any(dim=-2)  # as the compiled kernel: a NaN token voids all five
+    return tuple(torch.where(nan, torch.full_like(t, float("nan")), t) for t in stats)
 
 
 def _attended_keys(a: Tensor, b: Tensor, S: Tensor, scale: float, probs: Optional[Tensor],
