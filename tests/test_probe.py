@@ -312,3 +312,25 @@ def test_layers_of_different_shapes_keep_their_own_state(tmp_path):
                 np.testing.assert_array_equal(run.stats(i), alone.stats(0))
                 for name in ("topk_index", "agg_mean", "agg_count"):
                     np.testing.assert_array_equal(run.snapshot(i, name), alone.snapshot(0, name))
+
+
+@pytest.mark.parametrize("stats", [None, "all", ["q_max", "score_pos", "attn_share"]])
+def test_probe_without_compiled_kernels_records_the_same(tmp_path, monkeypatch, stats):
+    """The torch path (GPUs, no compiler, QKPROBE_NATIVE=0) against the compiled CPU kernels."""
+    model = small_vit()
+    xs = batches(2)
+    paths = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("QKPROBE_NATIVE", flag)
+        paths[flag] = str(tmp_path / f"native{flag}.h5")
+        with qkprobe.attach(model, paths[flag], stats=stats, top_samples=3):
+            for x in xs:
+                with torch.no_grad():
+                    model(x)
+    with qkprobe.open_run(paths["1"]) as fast, qkprobe.open_run(paths["0"]) as ref:
+        assert fast.stat_names == ref.stat_names and len(fast) == len(ref) == 6
+        for i in range(len(model.blocks)):
+            np.testing.assert_allclose(fast.stats(i), ref.stats(i), rtol=2e-5, atol=2e-5)
+            np.testing.assert_array_equal(fast.snapshot(i, "topk_index"), ref.snapshot(i, "topk_index"))
+            np.testing.assert_array_equal(fast.snapshot(i, "agg_count"), ref.snapshot(i, "agg_count"))
+            np.testing.assert_allclose(fast.snapshot(i, "agg_mean"), ref.snapshot(i, "agg_mean"), rtol=1e-5, atol=1e-6)
