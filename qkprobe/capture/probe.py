@@ -121,6 +121,10 @@ class _Group:
             self.buffer = torch.empty(shape, dtype=torch.float32, device=device)
         return self.buffer[j]
 
+    def nonfinite_per_layer(self) -> List[int]:
+        """Non-finite per-sample statistics seen so far, one count per layer of the group."""
+        return self.agg.nonfinite.flatten(1).sum(1).tolist()
+
     def filled(self, layers: List["_Layer"], rows: int) -> bool:
         """Whether this forward wrote every layer's statistics straight into the buffer."""
         return self.buffer is not None and self.buffer.shape[1] == rows and all(
@@ -140,6 +144,11 @@ class Probe:
             raise ValueError("every must be ≥ 1")
         self.stat_names = self._stat_names(self.options.stats)
         self._stat_cols = torch.tensor([STAT_INDEX[n] for n in self.stat_names])
+        # the stored columns of a row; a slice (a view, no copy) when they are consecutive, as
+        # the default set is
+        cols = self._stat_cols.tolist()
+        self._row_cols = slice(cols[0], cols[-1] + 1) if cols == list(range(cols[0], cols[-1] + 1)) \
+            else np.asarray(cols)
         self._attention = bool(set(ATTENTION_STATS) & set(self.stat_names))
         sites = find_attention(model)
         n_prefix = prefix_tokens(model)
@@ -310,11 +319,8 @@ class Probe:
     def nonfinite(self) -> Dict[str, int]:
         """Non-finite per-sample statistics (from NaN/Inf in q or k) seen so far, per layer name
         (only layers with any)."""
-        counts = {}
-        for g in self.groups:
-            per_layer = g.agg.nonfinite.flatten(1).sum(1).tolist()
-            counts.update({self.layers[i].site.name: int(n) for i, n in zip(g.layers, per_layer) if n})
-        return {l.site.name: counts[l.site.name] for l in self.layers if l.site.name in counts}
+        counts = {i: n for g in self.groups for i, n in zip(g.layers, g.nonfinite_per_layer())}
+        return {l.site.name: int(counts[i]) for i, l in enumerate(self.layers) if counts[i]}
 
     # ------------------------------------------------------------------ hooks
     def _on_forward_start(self, module, args, kwargs):
@@ -396,13 +402,12 @@ class Probe:
                 continue
             if self.options.per_sample:
                 host = st.cpu().numpy()
-                cols = None if stored is None else self._stat_cols.numpy()
                 for j, i in enumerate(g.layers):
-                    rows[i] = host[j] if cols is None else host[j][..., cols]
+                    rows[i] = host[j][..., self._row_cols]  # copied by writer.write
             # views of the live state: writer.write copies them before this method returns
             state = {f"topk_{k}": v for k, v in g.topk.state_dict(copy=False).items()}
             state.update({f"agg_{k}": v for k, v in g.agg.state_dict(copy=False).items()})
-            nonfinite = state["agg_nonfinite"].reshape(len(g.layers), -1).sum(1)
+            nonfinite = g.nonfinite_per_layer()
             for j, i in enumerate(g.layers):
                 snaps[i] = {name: v[j] for name, v in state.items()}
                 snaps[i]["nonfinite_values"] = np.int64(nonfinite[j])

@@ -54,6 +54,7 @@ ATTENTION_STATS = ("attn_contrib", "attn_share")
 #: What a probe records unless told otherwise: the paper's map statistics and scores. The
 #: attention share is one option away (``stats="all"``, ``qkprobe run --stats all``).
 DEFAULT_STATS = tuple(n for n in STAT_NAMES if n not in ATTENTION_STATS)
+_MAP_COLUMNS = STAT_INDEX["attn_contrib"]  # the map statistics and scores come first
 
 
 def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
@@ -216,10 +217,10 @@ def mode_statistics(
     if not (kq == kk and native.map_stats(a, b, p, kq, out)):  # one fused pass on CPU
         q_stats = _map_stats(a[:, :, p:, :], topk)  # token reductions, vectorized over R
         k_stats = _map_stats(b[:, :, p:, :], topk)
-        out[..., :12] = torch.stack((*q_stats, *k_stats, q_stats[1] * k_stats[1], q_stats[2] * k_stats[2]), -1)
+        out[..., :_MAP_COLUMNS] = torch.stack((*q_stats, *k_stats, q_stats[1] * k_stats[1], q_stats[2] * k_stats[2]), -1)
 
     if not attention:
-        out[..., 12:] = float("nan")
+        out[..., _MAP_COLUMNS:] = float("nan")
         return out
     pb = _attended_keys(a, b, S, scale, probs, q, k, attn_bias)  # (B, H, N, R)
     if native.share_stats(a, pb, b, S, float(scale), out, STAT_INDEX["attn_contrib"]):
