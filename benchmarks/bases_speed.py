@@ -42,8 +42,8 @@ def main():
             W_q = torch.randn(H, 64, D, generator=g) * D ** -0.5
             W_k = torch.randn(H, 64, D, generator=g) * D ** -0.5
             qk_modes(W_q, W_k)  # warm-up (LAPACK workspace, threads)
-            t_low, m = timed(lambda: qk_modes(W_q, W_k), args.repeats)
-            t_full, (U, S, V) = timed(lambda: full_svd_modes(W_q, W_k), 1)
+            t_low, m = timed(lambda W_q=W_q, W_k=W_k: qk_modes(W_q, W_k), args.repeats)
+            t_full, (U, S, V) = timed(lambda W_q=W_q, W_k=W_k: full_svd_modes(W_q, W_k), 1)
             low.append(t_low)
             full.append(t_full)
             dS = ((m.S - S).abs().max() / S.max()).item()

@@ -137,7 +137,8 @@ def main():
     official_algorithm(model, imgs, sites, full)
     t_off = (time.perf_counter() - t) / len(imgs)
     print(f"official algorithm     {t_off * 1e3:8.1f} ms/image  {1 / t_off:7.2f} img/s")
-    print(f"probe speed-up over the official algorithm: {(args.batch / statistics.median(times['probe'])) * t_off:.1f}x")
+    speedup = (args.batch / statistics.median(times['probe'])) * t_off
+    print(f"probe speed-up over the official algorithm: {speedup:.1f}x")
 
 
 if __name__ == "__main__":

@@ -351,7 +351,7 @@ def training_curves(steps, mean_cosine, weighted_cosine, drift=None, max_curves:
     if drift:
         ax = axes[0, 1]
         xs = np.maximum(steps, 0)
-        for (name, values), style in zip(drift.items(), ("-", "--", ":", "-.")):
+        for (_name, values), style in zip(drift.items(), ("-", "--", ":", "-.")):
             d = np.asarray(values, dtype=np.float64)
             for l in range(d.shape[1]):
                 label = f"L{l}" if style == "-" else None

@@ -60,7 +60,6 @@ def test_ill_conditioned_weights_take_the_householder_route_and_stay_exact():
     QR route takes over. Both must equal the full SVD."""
     W_q, W_k = rand(2, 8, 40, seed=1), rand(2, 8, 40, seed=2)
     W_q[:, 1] = W_q[:, 0] + 1e-7 * rand(2, 40, seed=3)  # nearly parallel rows: cond(W_q) ~ 1e7
-    from qkprobe.core import modes
     calls = []
     real_qr = torch.linalg.qr
     torch.linalg.qr = lambda *a, **k: calls.append(1) or real_qr(*a, **k)

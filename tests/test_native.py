@@ -47,7 +47,8 @@ def test_strided_views_ties_and_odd_items():
     g = torch.Generator().manual_seed(1)
     base = torch.randint(-3, 4, (5, 3, 2 * 40, 64), generator=g).float()  # many ties
     a = base[:, :, ::2].permute(1, 0, 2, 3)  # (B=3, H=5, 40, 64), token stride 2 rows, heads outermost
-    b = torch.randint(-2, 3, (37, 3, 5, 64), generator=g).float().permute(1, 2, 0, 3)  # (3, 5, 37, 64), tokens outermost
+    # (3, 5, 37, 64), tokens outermost
+    b = torch.randint(-2, 3, (37, 3, 5, 64), generator=g).float().permute(1, 2, 0, 3)
     assert a.stride(-1) == 1 and b.stride(-1) == 1 and not a.is_contiguous()
     for p, k in ((0, 5), (3, 3), (0, 37)):
         torch.testing.assert_close(_native(a, b, p, k)[..., :12].double(), _torch_map_stats(a, b, p, k))

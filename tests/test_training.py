@@ -1,6 +1,5 @@
 """The probe during training: identical losses and gradients, autocast, checkpointing, refresh."""
 
-import copy
 
 import numpy as np
 import pytest

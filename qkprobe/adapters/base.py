@@ -112,7 +112,7 @@ def is_norm(m: nn.Module) -> bool:
     """LayerNorm-like: a module with a (D,) affine weight and 'norm' in its class name."""
     return isinstance(m, nn.LayerNorm) or ("norm" in type(m).__name__.lower()
                                           and isinstance(getattr(m, "weight", None), torch.Tensor)
-                                          and getattr(m, "weight").dim() == 1)
+                                          and m.weight.dim() == 1)
 
 
 def first_norm_before(parent: Optional[nn.Module], module: nn.Module) -> Optional[nn.Module]:

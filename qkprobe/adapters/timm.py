@@ -88,7 +88,7 @@ class TimmAttentionAdapter(AttentionAdapter):
     def model_extras(self, module: nn.Module, model: nn.Module, extras: frozenset) -> frozenset:
         """Refine static extras with what the whole model shows (rope off, shared rel-pos bias)."""
         extras = set(extras)
-        if ROPE in extras and hasattr(model, "rope") and getattr(model, "rope") is None:
+        if ROPE in extras and hasattr(model, "rope") and model.rope is None:
             extras.discard(ROPE)  # timm Eva built without rotary embeddings (e.g. EVA-01)
         if getattr(model, "rel_pos_bias", None) is not None and self._kinds(module)[0] in self._kinds(module)[2]:
             extras.add(REL_POS_BIAS)

@@ -263,7 +263,7 @@ class Probe:
             self.samples = len(run)
             snaps = [{k: run.snapshot(i, k) for k in run.snapshot_names(i)} for i in range(len(self.layers))]
         for g in self.groups:  # one state per group: stack its layers' snapshots
-            def stacked(prefix):
+            def stacked(prefix, g=g):
                 names = [k[len(prefix):] for k in snaps[g.layers[0]] if k.startswith(prefix)]
                 return {n: np.stack([snaps[i][prefix + n] for i in g.layers]) for n in names}
             g.topk.load_state_dict(stacked("topk_"))

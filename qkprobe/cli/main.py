@@ -27,7 +27,8 @@ def _subcommands():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qkprobe", description="Dissect query-key interaction in vision transformers.")
+    parser = argparse.ArgumentParser(prog="qkprobe",
+                                     description="Dissect query-key interaction in vision transformers.")
     parser.add_argument("--version", action="version", version=f"qkprobe {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -20,7 +20,7 @@ def run(args) -> int:
     from ..distributed import merge_shards
 
     result = merge_shards(args.shards, args.out, allow_missing=args.allow_missing)
-    for path, reason in result.missing:
+    for _path, reason in result.missing:
         print(f"left out: {reason}")
     for path in result.unclosed:
         rows = result.rows_per_shard[result.shards.index(path)]

@@ -217,7 +217,8 @@ def mode_statistics(
     if not (kq == kk and native.map_stats(a, b, p, kq, out)):  # one fused pass on CPU
         q_stats = _map_stats(a[:, :, p:, :], topk)  # token reductions, vectorized over R
         k_stats = _map_stats(b[:, :, p:, :], topk)
-        out[..., :_MAP_COLUMNS] = torch.stack((*q_stats, *k_stats, q_stats[1] * k_stats[1], q_stats[2] * k_stats[2]), -1)
+        scores = (q_stats[1] * k_stats[1], q_stats[2] * k_stats[2])
+        out[..., :_MAP_COLUMNS] = torch.stack((*q_stats, *k_stats, *scores), -1)
 
     if not attention:
         out[..., _MAP_COLUMNS:] = float("nan")

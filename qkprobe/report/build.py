@@ -177,7 +177,8 @@ def head_table(run: RunData) -> List[Tuple[int, int, float]]:
     return out
 
 
-def choose_heads(run: RunData, n_extreme: int = 1, explicit: Optional[Sequence[Tuple[int, int]]] = None) -> List[Choice]:
+def choose_heads(run: RunData, n_extreme: int = 1,
+                 explicit: Optional[Sequence[Tuple[int, int]]] = None) -> List[Choice]:
     """The heads whose optimal images are shown.
 
     ``explicit``: (layer, head) pairs (must be recorded). Default: the ``n_extreme`` heads with the
@@ -317,7 +318,8 @@ def _spectra_section(ctx: _Ctx, r: RunData, ri: int, band: float) -> str:
         fig = plot.spectrum_panel(l.S, l.cosine, band=band, title=f"L{l.index}  {l.name}")
         src = ctx.save(fig, f"run{ri}_spectrum_L{l.index:02d}.png")
         extras = f" — logits also depend on {', '.join(l.extras)}" if l.extras else ""
-        parts.append(H.figure(src, f"spectrum of layer {l.index}", f"L{l.index} <code>{H.esc(l.name)}</code>{H.esc(extras)}"))
+        caption = f"L{l.index} <code>{H.esc(l.name)}</code>{H.esc(extras)}"
+        parts.append(H.figure(src, f"spectrum of layer {l.index}", caption))
     return "\n".join(parts)
 
 
@@ -418,7 +420,8 @@ def _importance_section(ctx: _Ctx, r: RunData, ri: int, band: float) -> Tuple[st
     parts = [f'<h3 id="run{ri}-importance">Mode importance</h3>']
     layers = [l for l in r.layers if l.share is not None]
     if not layers:
-        parts.append('<p class="note">The file has no attention-share statistic, so mode importance is not shown (record it with <code>qkprobe run --stats all</code>).</p>')
+        parts.append('<p class="note">The file has no attention-share statistic, so mode importance is not '
+                     'shown (record it with <code>qkprobe run --stats all</code>).</p>')
         return "\n".join(parts), {"layers": []}
     cos = [l.cosine[l.heads] for l in layers]
     share = [l.share for l in layers]
@@ -498,7 +501,8 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
              '(grouping); below: to unlike tokens (contextualizing).</p>',
              H.figure(src, "layer curves", width=720), H.json_block("layer-curve-data", curve)]
     if any((r.options.get("layers") is not None) for r in runs):
-        body.append('<p class="note">Some files record a subset of layers; their depth axis spans the recorded ones.</p>')
+        body.append('<p class="note">Some files record a subset of layers; '
+                    'their depth axis spans the recorded ones.</p>')
 
     nav = [("runs", "Run files"), ("layer-curves", "Layer curves")]
     report_data = {"runs": [], "band_quantile": BAND_QUANTILE, "band_method": "exact (Beta distribution)"}

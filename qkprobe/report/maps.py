@@ -206,7 +206,7 @@ def recompute(meta: dict, layers: Sequence[LayerRef], paths: Dict[str, str], *, 
             x = torch.stack(xs).to(device)
             seen: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
 
-            def on_qk(i, q, k, info):
+            def on_qk(i, q, k, info, seen=seen):
                 seen.setdefault(i, []).append((q, k))
 
             with capture_qk([c[1] for c in chosen], on_qk), torch.no_grad():
@@ -214,7 +214,7 @@ def recompute(meta: dict, layers: Sequence[LayerRef], paths: Dict[str, str], *, 
             H_img, W_img = int(x.shape[-2]), int(x.shape[-1])
             for j, sid in enumerate(ids):
                 res.images[sid] = display_image(xs[j], transform)
-            for ci, (ref, site, lb) in enumerate(chosen):
+            for ci, (ref, _site, lb) in enumerate(chosen):
                 if ref.index in res.bad_layers:
                     continue
                 calls = seen.get(ci)

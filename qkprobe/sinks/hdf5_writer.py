@@ -517,7 +517,7 @@ class RunWriter:
             except queue.Full:
                 if not self._thread.is_alive():
                     raise RunFileError(f"The writer of {self.path} stopped; the file is valid up to "
-                                       f"row {self._acknowledged}.")
+                                       f"row {self._acknowledged}.") from None
                 continue
             if check_failed:   # the writer may have failed (and freed this place) while we waited
                 self._raise_if_failed()

@@ -4,9 +4,10 @@
 signs for a and b, and the two scores) in one pass over the tokens, instead of a dozen torch
 reductions and two top-k selections; :func:`aggregate_update` and :func:`topk_update` fold a
 batch into the streaming states of :mod:`qkprobe.core.streaming` in place. The kernels are plain
-C (``map_stats.c``, ``streaming.c``; no Python or torch headers), compiled once per machine into a cache directory (``$QKPROBE_CACHE``, else
-``$XDG_CACHE_HOME/qkprobe``, else ``~/.cache/qkprobe``; the temp directory if neither is
-writable) and called through ctypes (which releases the GIL) on the caller's thread. Without a compiler, or with
+C (``map_stats.c``, ``streaming.c``; no Python or torch headers), compiled once per machine into a
+cache directory (``$QKPROBE_CACHE``, else ``$XDG_CACHE_HOME/qkprobe``, else ``~/.cache/qkprobe``;
+the temp directory if neither is writable) and called through ctypes (which releases the GIL) on
+the caller's thread. Without a compiler, or with
 ``QKPROBE_NATIVE=0``, the functions return False and callers use the torch path; both paths give
 the same results (tests compare them).
 """
