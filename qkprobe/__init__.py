@@ -19,6 +19,7 @@ _EXPORTS = {
     "LayerBases": ".bases", "compute_bases": ".bases",
     "ModeCoordinates": ".capture.coordinates", "mode_coordinates": ".capture.coordinates",
     "Probe": ".capture.probe", "ProbeOptions": ".capture.probe", "attach": ".capture.probe",
+    "Intervention": ".capture.intervene", "intervene": ".capture.intervene",
     "open_run": ".sinks.run_file", "load_model": ".models",
     "QKProbeError": ".errors",
 }

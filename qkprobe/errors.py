@@ -31,3 +31,7 @@ class ShapeError(QKProbeError):
 
 class RunFileError(QKProbeError):
     """A run file that cannot be read, resumed or written."""
+
+
+class InterventionError(QKProbeError):
+    """A mode intervention that names layers, heads or modes the model does not have."""
