@@ -363,3 +363,35 @@ def training_curves(steps, mean_cosine, weighted_cosine, drift=None, max_curves:
             ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- ablation
+
+def ablation_effects(cosine, share, effect, measure: str = "kl", band: Optional[float] = None,
+                     labels: Optional[Sequence[str]] = None, n_labels: int = 5, title: str = ""):
+    """What removing each mode does: the mean output change (``measure``: KL of the class
+    probabilities, or 1 − cos of the embedding) against the mode's cos(u_r, v_r) (left, with the
+    random-pair band shaded) and against its mean attention share (right); one dot per ablated
+    mode, the ``n_labels`` largest effects labelled (``L5H3M0``). Log y axis when every effect is
+    positive. ``cosine``, ``share``, ``effect``: (M,). Returns the figure."""
+    plt = _pyplot()
+    cos, sh, eff = (np.asarray(v, dtype=np.float64).ravel() for v in (cosine, share, effect))
+    ok = np.isfinite(eff)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=100, sharey=True)
+    top = [i for i in np.argsort(-np.where(ok, eff, -np.inf))[:n_labels] if ok[i]] if labels is not None else []
+    ylabel = "KL(p ‖ p′), mean over images" if measure == "kl" else "1 − cos(e, e′), mean over images"
+    for ax, x, xlabel in ((axes[0], cos, "cos(u_r, v_r)"), (axes[1], sh, "mean attention share")):
+        if ax is axes[0] and band is not None:
+            ax.axvspan(-band, band, color="0.88", lw=0)
+        ax.scatter(x[ok], eff[ok], s=12, color="tab:purple", lw=0)
+        for i in top:
+            ax.annotate(labels[i], (x[i], eff[i]), fontsize=5, xytext=(2, 2), textcoords="offset points")
+        ax.set_xlabel(xlabel, fontsize=7)
+        ax.tick_params(labelsize=6)
+    if ok.any() and (eff[ok] > 0).all():
+        axes[0].set_yscale("log")
+    axes[0].set_xlim(-1.0, 1.0)
+    axes[0].set_ylabel(ylabel, fontsize=7)
+    fig.suptitle(title or "what removing each mode does", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -23,6 +23,7 @@ def _subcommands():
         pass
     from . import report_cmd; mods.append(report_cmd)  # noqa: E702
     from . import merge_cmd; mods.append(merge_cmd)  # noqa: E702
+    from . import ablate_cmd; mods.append(ablate_cmd)  # noqa: E702
     return mods
 
 

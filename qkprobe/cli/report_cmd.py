@@ -24,7 +24,8 @@ def _heads(text: str):
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("report", help="write an HTML page of the paper's figures from run files")
-    p.add_argument("files", nargs="+", metavar="RUN.h5", help="run files (layer curves compare them all)")
+    p.add_argument("files", nargs="+", metavar="RUN.h5", help="run files (layer curves compare them all); files of "
+                                                               "qkprobe ablate add the section on removing modes")
     p.add_argument("--out", required=True, help="output folder (index.html and figures/ are written there)")
     p.add_argument("--heads", type=_heads, default=None, metavar="L:H,...",
                    help="heads whose optimal images are shown, in every file (default: the most extreme "

@@ -27,6 +27,7 @@ from .. import plot
 from .._version import __version__
 from ..errors import QKProbeError
 from . import html as H
+from .ablation import ablation_section, split_ablation_files
 
 BAND_QUANTILE = 0.99
 FIGURES = "figures"
@@ -478,6 +479,7 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
     n_modes modes per head (largest singular values), topk images per mode and sign. maps=False
     skips rebuilding the model. image_root: where to look for images that moved.
     """
+    paths, ablation_files = split_ablation_files(paths)   # files of ``qkprobe ablate`` get their own section
     if not paths:
         raise QKProbeError("Give at least one run file to report on.")
     runs = [read_run(p) for p in paths]        # a bad file stops here, before anything is written
@@ -540,6 +542,10 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
             "missing_images": missing, "missing_on_disk": len(on_disk_missing), "optimal": odata,
             "importance": idata, "series": sdata,
             "weighted_cosine": [plot.head_weighted_cosine(l.S, l.cosine).tolist() for l in r.layers]})
+    ablation_html, report_data["ablation"] = ablation_section(ctx, ablation_files, BAND_QUANTILE)
+    if ablation_html:
+        body.append(ablation_html)
+        nav.append(("ablation", "What removing each mode does"))
     body.append(H.json_block("report-data", report_data))
     if warn_html:
         body.insert(0, '<div id="warnings">' + "".join(warn_html) + "</div>")
