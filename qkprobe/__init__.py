@@ -5,6 +5,7 @@ Main entry points::
     bases = qkprobe.compute_bases(model)               # singular modes of W_qᵀW_k per layer
     coords = qkprobe.mode_coordinates(model, images)   # per-token mode coordinates a, b
     with qkprobe.attach(model, out="run.h5"): ...      # stream per-mode statistics to HDF5
+    with qkprobe.intervene(model, {(5, 3): [0]}): ...  # remove (scale) modes while the model runs
     run = qkprobe.open_run("run.h5")                   # read a run, also while it is written
 
 Names are imported on first use, so tools that only read run files do not pay for torch.

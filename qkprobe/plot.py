@@ -368,12 +368,13 @@ def training_curves(steps, mean_cosine, weighted_cosine, drift=None, max_curves:
 # --------------------------------------------------------------------------- ablation
 
 def ablation_effects(cosine, share, effect, measure: str = "kl", band: Optional[float] = None,
-                     labels: Optional[Sequence[str]] = None, n_labels: int = 5, title: str = ""):
+                     labels: Optional[Sequence[str]] = None, n_labels: int = 3, layers=None, title: str = ""):
     """What removing each mode does: the mean output change (``measure``: KL of the class
     probabilities, or 1 − cos of the embedding) against the mode's cos(u_r, v_r) (left, with the
     random-pair band shaded) and against its mean attention share (right); one dot per ablated
     mode, the ``n_labels`` largest effects labelled (``L5H3M0``). Log y axis when every effect is
-    positive. ``cosine``, ``share``, ``effect``: (M,). Returns the figure."""
+    positive. ``cosine``, ``share``, ``effect``: (M,); ``layers`` (M,) layer indices colour the dots
+    by depth. Returns the figure."""
     plt = _pyplot()
     cos, sh, eff = (np.asarray(v, dtype=np.float64).ravel() for v in (cosine, share, effect))
     ok = np.isfinite(eff)
@@ -383,7 +384,11 @@ def ablation_effects(cosine, share, effect, measure: str = "kl", band: Optional[
     for ax, x, xlabel in ((axes[0], cos, "cos(u_r, v_r)"), (axes[1], sh, "mean attention share")):
         if ax is axes[0] and band is not None:
             ax.axvspan(-band, band, color="0.88", lw=0)
-        ax.scatter(x[ok], eff[ok], s=12, color="tab:purple", lw=0)
+        if layers is None:
+            ax.scatter(x[ok], eff[ok], s=12, color="tab:purple", lw=0)
+        else:
+            lay = np.asarray(layers, dtype=np.float64).ravel()
+            pts = ax.scatter(x[ok], eff[ok], s=12, c=lay[ok], cmap="viridis", vmin=0, vmax=max(lay.max(), 1), lw=0)
         for i in top:
             ax.annotate(labels[i], (x[i], eff[i]), fontsize=5, xytext=(2, 2), textcoords="offset points")
         ax.set_xlabel(xlabel, fontsize=7)
@@ -392,6 +397,11 @@ def ablation_effects(cosine, share, effect, measure: str = "kl", band: Optional[
         axes[0].set_yscale("log")
     axes[0].set_xlim(-1.0, 1.0)
     axes[0].set_ylabel(ylabel, fontsize=7)
+    if layers is not None and ok.any():
+        cb = fig.colorbar(pts, ax=axes, fraction=0.03, pad=0.01)
+        cb.set_label("layer", fontsize=7)
+        cb.ax.tick_params(labelsize=6)
     fig.suptitle(title or "what removing each mode does", fontsize=9)
-    fig.tight_layout()
+    if layers is None:
+        fig.tight_layout()
     return fig

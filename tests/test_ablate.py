@@ -230,3 +230,14 @@ def test_report_section(ablation, photos, tmp_path):
     assert d["labels"] == ab.labels()
     np.testing.assert_allclose(d["effect"], ab.effect.mean(1), rtol=1e-6)
     assert main(["report", str(ablation), "--out", str(tmp_path / "r2"), "--no-progress"]) == 2  # no run file
+
+
+def test_ablation_plot_scales_and_labels():
+    from qkprobe import plot
+    cos, share = np.array([0.1, -0.2, 0.5]), np.array([0.2, 0.1, 0.3])
+    fig = plot.ablation_effects(cos, share, np.array([1e-3, 1e-5, np.nan]), labels=["a", "b", "c"],
+                                layers=[0, 1, 2], n_labels=1)
+    assert fig.axes[0].get_yscale() == "log" and len(fig.axes) == 3  # two panels and the layer colour bar
+    assert [t.get_text() for t in fig.axes[0].texts] == ["a"]
+    fig = plot.ablation_effects(cos, share, np.array([0.0, 1e-5, 2e-5]), measure="1-cos")
+    assert fig.axes[0].get_yscale() == "linear" and "1 − cos" in fig.axes[0].get_ylabel()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..adapters.discover import AttentionSite, find_attention
 from ..bases import LayerBases
 from ..errors import InterventionError
-from .intervene import intervene
+from .intervene import Intervention, layer_edit, mode_factors
 
 Tensor = torch.Tensor
 KL, COSINE = "kl", "1-cos"
@@ -168,17 +168,18 @@ class BlockCache:
             self.kept = out
         return self.seq[self.index - 1].register_forward_hook(hook)
 
-    def skipping(self):
-        return _Skip(self)
+    def skipping(self, kept: Any = None):
+        """Context: forwards start at block i, block i − 1 returning ``kept`` (default: the last kept)."""
+        return _Skip(self, self.kept if kept is None else kept)
 
 
 class _Skip:
-    def __init__(self, cache: BlockCache):
-        self.cache = cache
+    def __init__(self, cache: BlockCache, kept: Any):
+        self.cache, self.kept = cache, kept
         self.saved: List[Tuple[nn.Module, Any]] = []
 
     def __enter__(self):
-        seq, i, kept = self.cache.seq, self.cache.index, self.cache.kept
+        seq, i, kept = self.cache.seq, self.cache.index, self.kept
         for j in range(i):
             blk = seq[j]
             self.saved.append((blk, blk.__dict__.get("forward")))
@@ -202,6 +203,16 @@ def _head_probs(q: Tensor, k: Tensor, head: int, scale: float) -> Tensor:
     """(B, N, Nk) softmax(scale · q_h k_hᵀ) of one head (float32)."""
     qh, kh = q[:, head].float(), k[:, head].float()
     return torch.softmax(scale * qh @ kh.transpose(-1, -2), dim=-1)
+
+
+@dataclass
+class PlainPass:
+    """One batch's plain forward: inputs x, output y (B, C), captured (q, k) per layer."""
+
+    x: Tensor
+    y: Tensor
+    qk: Dict[int, Tuple[Tensor, Tensor]]
+    kept: Dict[int, Any]  # layer → output of the block before the intervened one
 
 
 class Ablator:
@@ -237,7 +248,12 @@ class Ablator:
     def run_batch(self, x: Tensor, todo: Optional[Sequence[int]] = None) -> Dict[int, Dict[str, Tensor]]:
         """Per index into ``modes`` (all, or ``todo``): {"effect", "top1", "attn_change"}, each (B,)."""
         todo = range(len(self.modes)) if todo is None else todo
-        layers = sorted({self.modes[i].layer for i in todo})
+        plain = self.plain(x, sorted({self.modes[i].layer for i in todo}))
+        return {i: self.ablate(i, plain) for i in todo}
+
+    @torch.no_grad()
+    def plain(self, x: Tensor, layers: Sequence[int]) -> "PlainPass":
+        """The plain forward of a batch: output, q and k of ``layers``, kept block outputs."""
         qk0: Dict[int, Tuple[Tensor, Tensor]] = {}
         handles = self._capture(layers, qk0)
         handles += [self.caches[li].keep_hook() for li in layers if self.caches.get(li) is not None]
@@ -248,30 +264,38 @@ class Ablator:
                 h.remove()
         if self.kind is None:
             self.kind = output_kind(self.model, out0)
-        y0 = output_tensor(out0)
-        results = {}
-        for i in todo:
-            ref = self.modes[i]
-            lb = self.bases[ref.layer]
-            qk1: Dict[int, Tuple[Tensor, Tensor]] = {}
-            y1 = self._intervened(x, ref, qk1)
-            effect, top1 = compare_outputs(y0, y1, self.kind)
-            p0 = _head_probs(*qk0[ref.layer], ref.head, lb.scale)
-            p1 = _head_probs(*qk1[ref.layer], ref.head, lb.scale)
-            change = (p1 - p0).abs().reshape(x.shape[0], -1).mean(-1)
-            results[i] = {"effect": effect, "top1": top1, "attn_change": change}
-        return results
+        kept = {li: self.caches[li].kept for li in layers if self.caches.get(li) is not None}
+        for c in self.caches.values():
+            if c is not None:
+                c.kept = None  # the batch's block outputs live in the PlainPass only
+        return PlainPass(x=x, y=output_tensor(out0), qk=qk0, kept=kept)
 
-    def _intervened(self, x: Tensor, ref: ModeRef, qk1: Dict[int, Tuple[Tensor, Tensor]]) -> Tensor:
+    @torch.no_grad()
+    def ablate(self, i: int, plain: "PlainPass") -> Dict[str, Tensor]:
+        """Mode ``modes[i]`` on the batch of ``plain`` (whose layers include its layer)."""
+        ref = self.modes[i]
+        lb = self.bases[ref.layer]
+        qk1: Dict[int, Tuple[Tensor, Tensor]] = {}
+        y1 = self._intervened(plain, ref, qk1)
+        effect, top1 = compare_outputs(plain.y, y1, self.kind)
+        p0 = _head_probs(*plain.qk[ref.layer], ref.head, lb.scale)
+        p1 = _head_probs(*qk1[ref.layer], ref.head, lb.scale)
+        change = (p1 - p0).abs().reshape(plain.x.shape[0], -1).mean(-1)
+        return {"effect": effect, "top1": top1, "attn_change": change}
+
+    def _intervened(self, plain: "PlainPass", ref: ModeRef, qk1: Dict[int, Tuple[Tensor, Tensor]]) -> Tensor:
+        x = plain.x
         cache = self.caches.get(ref.layer)
+        factors = mode_factors(self.bases, {(ref.layer, ref.head): [ref.mode]}, self.scale)[ref.layer]
+        edit = layer_edit(ref.layer, self.bases[ref.layer], factors)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # approximate layers are noted once by the caller
-            iv = intervene(self.model, {(ref.layer, ref.head): [ref.mode]}, scale=self.scale, bases=self.bases)
+            iv = Intervention(self.model, [edit] if edit.heads else [], self.sites)  # = intervene(), sites reused
         handles = self._capture([ref.layer], qk1)
         try:
             if cache is None:
                 return output_tensor(self.model(x))
-            with cache.skipping():
+            with cache.skipping(plain.kept[ref.layer]):
                 y = output_tensor(self.model(x))
             if not self.checked.get(ref.layer):
                 full = output_tensor(self.model(x))

@@ -37,9 +37,9 @@ def ablation_section(ctx, paths: Sequence, band_quantile: float = 0.99) -> Tuple
         band = plot.random_cosine_band(width, band_quantile) if isinstance(width, int) and width > 1 else None
         measure = "KL(p ‖ p′) of the class probabilities" if ab.measure == "kl" else \
             "1 − cos(e, e′) of the embedding"
-        src = ctx.save(plot.ablation_effects(ab.cosine, ab.attn_share, eff, measure=ab.measure, band=band,
-                                             labels=labels, title=f"what removing each mode does — {spec}"),
-                       f"ablation{ai}.png")
+        fig = plot.ablation_effects(ab.cosine, ab.attn_share, eff, measure=ab.measure, band=band, labels=labels,
+                                    layers=ab.layer, title=f"what removing each mode does — {spec}")
+        src = ctx.save(fig, f"ablation{ai}.png")
         done = int(ab.done.sum())
         parts.append(f'<p class="note"><code>{H.esc(path)}</code>: {len(labels)} modes × {len(ab.images)} images '
                      f'({done} of {ab.done.size} pairs done) of {H.esc(spec)}; each mode\'s coordinate times '
