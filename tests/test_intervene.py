@@ -285,3 +285,26 @@ def test_bf16_autocast_close_to_surgery():
     assert out.dtype == torch.bfloat16
     assert rel_err(out.float(), r) <= 2e-2
     assert rel_err(plain, r) > 5e-2
+
+
+@pytest.mark.parametrize("name,kw,size", [
+    ("beit_base_patch16_224", dict(depth=2, img_size=64, embed_dim=96, num_heads=3), 64),   # q_bias via F.linear
+    ("swin_tiny_patch4_window7_224", dict(depths=(2,), num_heads=(3,), embed_dim=96, img_size=56), 56),  # qkv
+])
+def test_packed_qkv_families_equal_weight_surgery(name, kw, size):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kw).eval()
+    peak_timm(model)
+    bases = qkprobe.compute_bases(model)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
+    spec = {(0, 1): [0, 1], (1, 2): [3]}
+    attn = dict(model.named_modules())[bases[0].name]
+    flag = getattr(attn, "qkv_bias_separate", None)
+    with torch.no_grad():
+        plain = model(x)
+        with qkprobe.intervene(model, spec, bases=bases):
+            out = model(x)
+        assert getattr(attn, "qkv_bias_separate", None) == flag  # switched back
+        ref = apply_surgery(model, bases, spec, 0.0, timm_q)(x)
+        assert torch.equal(model(x), plain)
+    assert rel_err(out, ref) <= REL_TOL and rel_err(plain, ref) > 1e-3
