@@ -82,6 +82,7 @@ def run(args) -> int:
 
     from ..bases import compute_bases
     from ..capture.ablate import Ablator, ModeRef, attention_shares, parse_modes, top_modes
+    from ..capture.intervene import INEXACT_EXTRAS
     from ..data import list_images, make_loader, skimage_images
     from ..metadata import versions
     from ..sinks import ablate_file
@@ -126,7 +127,7 @@ def run(args) -> int:
                 "attn_share": [float(shares[m.layer][m.head, m.mode]) for m in modes]}
         meta.update(versions=versions(), options=options, model_width=int(bases[0].U.shape[1]))
         ablate_file.create(args.out, meta, info, good)
-    approx = sorted({bases[m.layer].name for m in modes if {"qk_norm", "rope"} & set(bases[m.layer].extras)})
+    approx = sorted({bases[m.layer].name for m in modes if INEXACT_EXTRAS & set(bases[m.layer].extras)})
     if approx:
         print(f"note: {len(approx)} layers have qk-norm or rope ({approx[0]}, ...); their modes are scaled in q "
               f"before it, an approximate ablation of the logit terms", file=sys.stderr)
