@@ -308,3 +308,34 @@ def test_packed_qkv_families_equal_weight_surgery(name, kw, size):
         ref = apply_surgery(model, bases, spec, 0.0, timm_q)(x)
         assert torch.equal(model(x), plain)
     assert rel_err(out, ref) <= REL_TOL and rel_err(plain, ref) > 1e-3
+
+
+def test_custom_adapter_with_q_parameters_equals_surgery():
+    from test_registry import MyAdapter, MyAttention
+
+    class QAdapter(MyAdapter):
+        def q_parameters(self, m):
+            return [(m, "wq"), (m, "bq")]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(MyAttention(), nn.LayerNorm(32), MyAttention())
+    x = torch.randn(2, 6, 32)
+    spec = {(0, 1): [0], (1, 3): [1, 2]}
+    qkprobe.register_attention(MyAttention, MyAdapter())
+    try:
+        bases = qkprobe.compute_bases(model)
+        with pytest.raises(InterventionError, match="q_parameters"):
+            qkprobe.intervene(model, spec, bases=bases)
+    finally:
+        qkprobe.unregister_attention(MyAttention)
+    qkprobe.register_attention(MyAttention, QAdapter())
+    try:
+        with torch.no_grad():
+            plain = model(x)
+            with qkprobe.intervene(model, spec, bases=bases):
+                out = model(x)
+            assert torch.equal(model(x), plain) and type(model[0]) is MyAttention
+            ref = apply_surgery(model, bases, spec, 0.0, lambda m: (m.wq, m.bq))(x)
+    finally:
+        qkprobe.unregister_attention(MyAttention)
+    assert rel_err(out, ref) <= REL_TOL and rel_err(plain, ref) > 1e-3

@@ -23,7 +23,10 @@ parameter names):
 - ``nn.MultiheadAttention`` (also open_clip, torchvision), where q is never a module output:
   ``torch.nn.utils.parametrize`` replaces the q rows of ``in_proj_weight`` / ``q_proj_weight``
   and ``in_proj_bias`` by T W_q, T b_q computed from the original parameters (gradients flow to
-  them).
+  them);
+- a module of a user's adapter (``qkprobe.register_attention``) that defines
+  ``q_parameters(module) -> [(owner module, attribute name), ...]``: the weight (H·R, D) and bias
+  (H·R,) whose rows are W_q and b_q, parametrized the same way.
 
 Hooks are prepended, so a probe from :func:`qkprobe.attach` (before or after) records the
 intervened q. Heads whose factors are all 1 get no hook: ``scale=1`` is bit-identical to no
@@ -190,6 +193,21 @@ class _QRows(nn.Module):
         return W.index_add(0, cols, d.flatten(0, 1))
 
 
+def _parametrize_q_rows(params, cols: Tensor, R: int, delta: Tensor) -> List[Any]:
+    """Parametrize each (owner module, attribute) — a weight (C, D) or bias (C,) whose rows
+    h·R:(h+1)·R are head h's q rows — to T·(those rows); returns the undo callables."""
+    undo = []
+    try:
+        for owner, name in params:
+            parametrize.register_parametrization(owner, name, _QRows(cols, R, delta))
+            undo.append(lambda o=owner, n=name: parametrize.remove_parametrizations(o, n, leave_parametrized=False))
+    except BaseException:
+        for u in reversed(undo):
+            u()
+        raise
+    return undo
+
+
 @dataclass
 class _Site:
     edit: LayerEdit
@@ -235,12 +253,13 @@ def _hook_points(s: _Site) -> Tuple[List[Any], List[Any]]:
         names = ["in_proj_weight" if module._qkv_same_embed_dim else "q_proj_weight"]
         if module.in_proj_bias is not None:
             names.append("in_proj_bias")
-        for n in names:
-            parametrize.register_parametrization(module, n, _QRows(cols, R, delta))
-        return [], [lambda n=n: parametrize.remove_parametrizations(module, n, leave_parametrized=False)
-                    for n in names]
+        return [], _parametrize_q_rows([(module, n) for n in names], cols, R, delta)
+    q_parameters = getattr(s.site.adapter, "q_parameters", None)
+    if callable(q_parameters):
+        return [], _parametrize_q_rows(list(q_parameters(module)), cols, R, delta)
     raise InterventionError(f"intervene: cannot find where q is made in {edit.name!r} ({type(module).__name__}); "
-                            f"it needs a q_norm, q_proj/query or qkv child, or nn.MultiheadAttention.")
+                            f"give its adapter a q_parameters(module) method returning [(module, 'weight name'), "
+                            f"(module, 'bias name')] of the q rows.")
 
 
 class Intervention:
