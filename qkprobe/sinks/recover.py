@@ -242,6 +242,28 @@ def _recorded_writer(path):
     return (int(pid) if pid is not None else None), host
 
 
+def remove_stale_temporaries(folder: str, prefix: str) -> list:
+    """Delete ``prefix<PID>`` files in ``folder`` left by processes of this host that no longer run
+    (a merge or a file creation killed with -9); returns their paths."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(prefix):]
+        if not name.startswith(prefix) or not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

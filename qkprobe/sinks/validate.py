@@ -214,6 +214,10 @@ def _check_layout(f: h5py.File, path) -> None:
                 raise damaged(path, f"layers/{key} has no {attr} attribute")
         if not isinstance(schema.to_python(group.attrs["name"]), str):
             raise damaged(path, f"the name attribute of layers/{key} is not text")
+        for attr in ("num_heads", "num_modes"):
+            value = schema.to_python(group.attrs[attr])
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise damaged(path, f"the {attr} attribute of layers/{key} is {value!r}, not a positive count")
         for sub in (schema.SNAPSHOT, schema.BASES):
             if not isinstance(group.get(sub), h5py.Group):
                 raise damaged(path, f"layers/{key} has no {sub} group")
