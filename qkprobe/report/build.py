@@ -614,8 +614,7 @@ def _stage(out: Path, force: bool) -> Path:
             raise QKProbeError(f"{index} was not written by qkprobe report; choose another --out, or pass --force to "
                                f"replace it.")
     parent = out.absolute().parent
-    if not parent.is_dir():
-        raise QKProbeError(f"The folder {parent} does not exist; create it or choose another --out.")
+    parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{out.name}.report-"
     from ..sinks.recover import _process_alive
     for name in os.listdir(parent):

@@ -280,9 +280,9 @@ def _check_virtual(ds: h5py.Dataset, path, at: str) -> None:
         name = source.file_name
         if name == ".":
             continue
-        if os.path.isabs(name) or not name.endswith(".h5"):
+        if os.path.isabs(name) or name.startswith("~") or "\0" in name:
             raise RunFileError(f"{path} maps {at} onto {name!r}; merged run files name their shards by relative "
-                               f".h5 paths, so use a file written by qkprobe merge.")
+                               f"paths, so use a file written by qkprobe merge.")
         target = os.path.join(folder, name)
         if os.path.exists(target) and not os.path.isfile(target):
             raise RunFileError(f"{path} maps {at} onto {name!r}, which is not a regular file; use a file written "
