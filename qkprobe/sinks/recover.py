@@ -114,6 +114,9 @@ class Superblock:
 
 def read_superblock(path) -> Superblock:
     """Find and parse the superblock (at 0, 512, 1024, 2048, ... bytes)."""
+    import stat
+    if not stat.S_ISREG(os.stat(path).st_mode):   # a FIFO or device would block or never end
+        raise RunFileError(f"{path} is not a regular file, so it is not a run file; check the path.")
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         offset = 0
