@@ -65,6 +65,30 @@ def list_images(images_dir: Optional[str] = None, list_file: Optional[str] = Non
     return sorted(found, key=lambda p: os.path.relpath(p, images_dir))
 
 
+def image_ids(paths: Sequence[str], images_dir: Optional[str] = None,
+              root: Optional[str] = None) -> Tuple[str, List[str]]:
+    """``(image root, ids)`` of image paths: ids are the paths relative to the root, with ``/``.
+
+    The root is ``images_dir`` (for a folder), else ``root`` (e.g. the one a resumed file
+    recorded), else the deepest folder holding every path. Ids do not depend on how the folder
+    is spelled (``imgs``, ``./imgs``, an absolute path) nor on the working directory, so a
+    resume matches images exactly; the root is returned resolved (symlinks followed).
+    """
+    def real(p: str) -> str:   # the folder resolved, the file's own name kept (it may be a link)
+        p = os.path.abspath(os.path.expanduser(str(p)))
+        return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+
+    if images_dir is not None:
+        base = os.path.expanduser(str(images_dir))
+        ids = [os.path.relpath(p, base) for p in paths]
+        root = os.path.realpath(base)
+    else:
+        full = [real(p) for p in paths]
+        root = os.path.realpath(root) if root else os.path.commonpath([os.path.dirname(p) for p in full])
+        ids = [os.path.relpath(p, root) for p in full]
+    return root, [i.replace(os.sep, "/") for i in ids]
+
+
 class ImageDataset(Dataset):
     """``(tensor, path, ok, reason)`` per image; an unreadable image gives zeros, ``ok=False`` and why.
 
@@ -93,9 +117,10 @@ class ImageDataset(Dataset):
         path = self.paths[i]
         try:
             from PIL import Image
+            check_regular_file(path)  # a FIFO or device would block or never end
             with Image.open(path) as im:
                 im.seek(0)  # first frame of a GIF or multi-page TIFF
-                rgb = im.convert("RGB")  # convert() forces a full decode, so truncation shows here
+                rgb = to_rgb(im)  # forces a full decode, so truncation shows here
             x = self.transform(rgb)
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"the transform returned {type(x).__name__}, not a tensor")
@@ -103,6 +128,35 @@ class ImageDataset(Dataset):
         except Exception as exc:  # noqa: BLE001 - any unreadable image is skipped, not fatal
             reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
             return self.blank(), path, False, reason
+
+
+class NotARegularFile(OSError):
+    """An image path that names a FIFO, socket, device or folder (never opened)."""
+
+
+def check_regular_file(path: str) -> None:
+    """Raise :class:`NotARegularFile` unless ``path`` is a regular file (symlinks followed)."""
+    import stat
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device")
+        raise NotARegularFile(f"{kind}, not an image file; it was not opened")
+
+
+def to_rgb(im):
+    """A PIL image as 8-bit RGB; 16- and 32-bit integer greyscale (PNG/TIFF "I;16", "I") scaled to
+    0..255 by their bit depth instead of clipped (``convert("RGB")`` clips them to white)."""
+    from PIL import Image
+    if im.mode.startswith("I;16") or im.mode == "I":
+        import numpy as np
+        arr = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if im.mode == "I" and arr.max(initial=0) > 65535:
+            top = float(2 ** 32 - 1)
+        grey = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return im.convert("RGB")
 
 
 def collate(batch: Sequence[Tuple[torch.Tensor, str, bool, str]]):

@@ -197,10 +197,12 @@ def merge_shards(shards: Sequence[str], out: str, *, allow_missing: bool = False
 def _refuse_overwrite(out: str) -> None:
     if not os.path.exists(out):
         return
+    from .sinks.validate import check_file, open_h5
     try:
-        with h5py.File(out, "r", swmr=True) as f:
+        check_file(out)
+        with open_h5(out) as f:
             merged = "merged_from" in f.attrs
-    except OSError:
+    except (OSError, RunFileError):
         merged = False
     if not merged:
         raise RunFileError(f"{out} already exists and is not a merged file; choose another output file.")
@@ -217,6 +219,7 @@ class _ShardUnreadable(RunFileError):
 def _read_shard(path: str) -> _Shard:
     from .sinks.recover import needs_recover
     from .sinks.run_file import open_run
+    from .sinks.validate import open_h5
 
     if not os.path.isfile(path):
         raise _ShardUnreadable(path, "is missing", "check that every rank wrote its shard, or pass "
@@ -228,7 +231,7 @@ def _read_shard(path: str) -> _Shard:
             layer_attrs = [run.layer_attrs(i) for i in range(len(run.layer_names))]
             bases = [run.bases(i) for i in range(len(run.layer_names))]
         unclosed = needs_recover(path)
-        f = h5py.File(path, "r", swmr=True)
+        f = open_h5(path)          # checked by open_run just above
     except (RunFileError, OSError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
         raise _ShardUnreadable(path, f"cannot be read ({reason})",
@@ -405,6 +408,8 @@ def _write_merged(shards: List[_Shard], out: str, missing: List[Tuple[str, str]]
     compression = schema.to_python(first.meta.get("compression", "none"))
 
     tmp = os.path.join(folder, f".{os.path.basename(out)}.merging-{os.getpid()}")
+    from .sinks.recover import remove_stale_temporaries
+    remove_stale_temporaries(folder, f".{os.path.basename(out)}.merging-")
     if os.path.exists(tmp):
         os.unlink(tmp)
     try:

@@ -17,6 +17,7 @@ skips every download, for torchvision too. A failed fetch raises :class:`Weights
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import difflib
 import hashlib
 import os
@@ -392,6 +393,21 @@ def _torch_hub_cached(url: str) -> bool:
     return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", name))
 
 
+_UNTRUSTED = contextvars.ContextVar("qkprobe_untrusted_spec", default=False)
+
+
+@contextlib.contextmanager
+def untrusted_spec():
+    """Within the block, specs come from a file someone else may have written (``qkprobe report``):
+    transformers never runs a model's own code (``trust_remote_code=False``, so it never asks) and
+    weights files load as tensors only (``weights_only``, as always)."""
+    token = _UNTRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _UNTRUSTED.reset(token)
+
+
 def _load_hf(s: ModelSpec, pretrained: bool, seed: int, spec: str):
     import transformers
 
@@ -408,6 +424,8 @@ def _load_hf(s: ModelSpec, pretrained: bool, seed: int, spec: str):
                                f"directory saved with save_pretrained or a hub repo id such as org/name.")
     else:
         src, kw = s.name, ({"revision": s.tag} if s.tag else {})
+    if _UNTRUSTED.get():
+        kw["trust_remote_code"] = False
 
     def build():
         config = transformers.AutoConfig.from_pretrained(src, **kw)

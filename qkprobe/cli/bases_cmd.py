@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .common import add_model_args, load_from_args
+from .common import add_model_args, check_out_file, load_from_args
 
 
 def add_parsers(sub) -> None:
@@ -31,6 +31,9 @@ def run(args) -> int:
     from ..plot import layer_curve, layer_summaries
     from ..sinks.bases_file import write_bases
 
+    check_out_file(args.out, example="bases.h5")
+    if args.plot:
+        check_out_file(args.plot, "--plot", example="layers.png")
     for path in (args.out, args.plot):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise RunFileError(f"The folder of {path} does not exist; create it or choose another path.")

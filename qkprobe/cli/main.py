@@ -52,6 +52,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"qkprobe {args.command}: interrupted; committed rows are kept.", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - anything else is a bug: one line, the traceback on request
+        if args.debug:
+            raise
+        text = " ".join(str(e).split())[:300]
+        print(f"qkprobe {args.command}: internal error ({type(e).__name__}: {text}); rerun with --debug for the "
+              f"traceback and report it.", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

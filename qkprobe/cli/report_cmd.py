@@ -40,6 +40,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--check", action="store_true",
                    help="open the page in headless Chromium; fail on console errors or images that do not load")
     p.add_argument("--screenshot", help="also save a PNG screenshot of the page (needs Chromium)")
+    p.add_argument("--force", action="store_true", help="replace an index.html in --out that qkprobe did not write")
     p.set_defaults(func=report)
 
 
@@ -48,9 +49,11 @@ def report(args) -> int:
     for n, name in ((args.modes, "--modes"), (args.topk, "--topk")):
         if n < 1:
             raise QKProbeError(f"{name} must be at least 1.")
+    from .common import check_device
+    check_device(args.device)
     index = build_report(args.files, args.out, heads=args.heads, n_extreme=max(0, args.extreme), n_modes=args.modes,
                          topk=args.topk, maps=not args.no_maps, image_root=args.image_root, device=args.device,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, force=args.force)
     print(f"wrote {index}")
     if args.check or args.screenshot:
         from ..report.browser import check_page

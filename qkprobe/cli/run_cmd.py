@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import RunFileError
-from .common import add_model_args, load_from_args
+from .common import add_model_args, check_at_least, check_device, check_out_file, load_from_args
 
 
 def add_parsers(sub) -> None:
@@ -50,6 +50,14 @@ def add_parsers(sub) -> None:
 def _cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "qkprobe", "skimage")
+
+
+def _check_options(args) -> None:
+    """Every option of ``qkprobe run``, before a model is loaded or a file written."""
+    check_at_least(args, 1, "--batch-size", "--topk", "--topk-mean")
+    check_at_least(args, 0, "--workers")
+    check_device(args.device)
+    check_out_file(args.out)
 
 
 def _check_out(args, group=None) -> None:
@@ -163,7 +171,39 @@ def _done_in_shards(args, meta: dict, options: dict) -> set:
     return done
 
 
+def _ids_for(args, paths: list, meta: dict, done: set) -> dict:
+    """path → sample id (relative to the image root, recorded in ``meta["image_root"]``).
+
+    A file from before image roots were recorded holds paths as ids: they are matched by the
+    absolute path they name, so such a file resumes without counting an image twice. A resume
+    that matches none of the committed ids stops: it would only add a second image set.
+    """
+    from ..data import image_ids
+
+    recorded = _recorded_root(args) if done else None
+    images_dir = args.images if args.images or args.list else None
+    if images_dir is None and not args.list:
+        images_dir = _cache_dir()
+    root, ids = image_ids(paths, images_dir=images_dir, root=recorded)
+    meta["image_root"] = root
+    id_of = dict(zip(paths, ids))
+    if done and recorded is None:      # ids that are paths: compare the files they name
+        by_path = {os.path.realpath(i): i for i in done}
+        id_of = {p: by_path.get(os.path.realpath(p), i) for p, i in id_of.items()}
+    if done and not done.intersection(id_of.values()):
+        raise RunFileError(f"None of the {len(paths)} images given is among the {len(done)} already in {args.out}; "
+                           f"resume with the images the run started with, or write a new file with another --out.")
+    return id_of
+
+
+def _recorded_root(args):
+    from ..distributed import shard_paths
+    files = [args.out] if os.path.exists(args.out) else list(shard_paths(args.out).values())[:1]
+    return _metadata(files[0]).get("image_root") if files else None
+
+
 def run(args) -> int:
+    _check_options(args)
     group = _start_distributed(args)
     try:
         return _run(args, group)
@@ -195,11 +235,13 @@ def _run(args, group: Optional[_Group]) -> int:
                            stats=_stats_option(args.stats))
     meta["versions"] = versions()
     done = set()
+    total = len(paths)
     if group is not None:
         import torch.distributed as dist
         if args.resume:
             done = _done_in_shards(args, meta, options.record())
-        paths = [p for p in paths if p not in done]
+        id_of = _ids_for(args, paths, meta, done)
+        paths = [p for p in paths if id_of[p] not in done]
         todo = len(paths)
         paths = split(paths, group.rank, group.world)
         dist.barrier()   # every rank has checked and read the shards before any opens its own
@@ -208,7 +250,13 @@ def _run(args, group: Optional[_Group]) -> int:
         from ..sinks.run_file import open_run
         with open_run(args.out) as done_run:
             done = set(done_run.ids) | {s for s, _ in done_run.skipped}
-        paths = [p for p in paths if p not in done]
+        id_of = _ids_for(args, paths, meta, done)
+        paths = [p for p in paths if id_of[p] not in done]
+    else:
+        id_of = _ids_for(args, paths, meta, done)
+    if group is None or group.rank == 0:
+        print(f"{len(paths) if group is None else todo} new images, {total - (len(paths) if group is None else todo)} "
+              f"already in {args.out}", flush=True)
     probe = attach(model, args.out, options=options, metadata=meta, resume=args.resume,
                    chunk_rows=min(max(args.batch_size, 8), 256))
     loader = make_loader(paths, transform, batch_size=args.batch_size, workers=args.workers)
@@ -220,10 +268,10 @@ def _run(args, group: Optional[_Group]) -> int:
             for images, batch_paths, ok, reasons in loader:
                 for p, good, why in zip(batch_paths, ok.tolist(), reasons):
                     if not good:
-                        probe.skip(p, why)
+                        probe.skip(id_of[p], why)
                 keep = [i for i, good in enumerate(ok.tolist()) if good]
                 if keep:
-                    probe.set_ids([batch_paths[i] for i in keep])
+                    probe.set_ids([id_of[batch_paths[i]] for i in keep])
                     model(images[keep].to(args.device))
                 seen += len(batch_paths)
                 if args.verbose:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -224,24 +225,39 @@ def choose_heads(run: RunData, n_extreme: int = 1,
 
 
 def resolve_image(sample_id: str, image_root: Optional[str]) -> Optional[str]:
-    """The image file of a sample id (its path as recorded, else under ``image_root``)."""
-    cands = [sample_id]
-    if image_root:
-        if not os.path.isabs(sample_id):
-            cands.append(os.path.join(image_root, sample_id))
-        cands.append(os.path.join(image_root, os.path.basename(sample_id)))
+    """The image file of a sample id, looked for only under ``image_root`` (``--image-root``, else
+    the root the run recorded): ``root/id``, else ``root/<file name of id>``. A path that leaves
+    the root (``..``, an absolute id, a symlink out of it) or is not a regular file is not found,
+    so a run file cannot make the report read other files."""
+    if not image_root or not sample_id or "\0" in sample_id:
+        return None
+    root = os.path.realpath(image_root)
+    cands = []
+    if not os.path.isabs(sample_id):
+        cands.append(os.path.join(root, sample_id))
+    cands.append(os.path.join(root, os.path.basename(sample_id)))
     for c in cands:
-        if os.path.isfile(c):
-            return c
+        real = os.path.realpath(c)
+        if real != root and os.path.commonpath([real, root]) == root and os.path.isfile(real):
+            return real
     return None
+
+
+def image_root_of(run: "RunData", image_root: Optional[str]) -> Optional[str]:
+    """``--image-root`` when given, else the image root recorded in the run file (None if neither)."""
+    recorded = run.meta.get("image_root")
+    return image_root or (recorded if isinstance(recorded, str) and recorded else None)
 
 
 def _thumbnail(path: str, size: int = 224) -> Optional[np.ndarray]:
     """The image resized (short side) and centre-cropped to size × size, in [0, 1]."""
     try:
         from PIL import Image
+
+        from ..data import check_regular_file, to_rgb
+        check_regular_file(path)
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)
             w, h = im.size
             s = size / min(w, h)
             im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
@@ -352,7 +368,7 @@ def _optimal_section(ctx: _Ctx, r: RunData, ri: int, choices: List[Choice], n_mo
                     sid = r.ids[idx]
                     items.append((sid, score))
                     if sid not in needed:
-                        needed[sid] = resolve_image(sid, image_root)
+                        needed[sid] = resolve_image(sid, image_root_of(r, image_root))
                 rows.append((m, sign, items))
         plan.append((c, l, rows))
     missing = sorted(s for s, p in needed.items() if p is None)
@@ -470,14 +486,32 @@ def _series_section(ctx: _Ctx, r: RunData, ri: int) -> Tuple[str, Optional[dict]
                               "weighted_cosine": s["weighted_cosine"].tolist(), "drift": drift}
 
 
+def _plain_text(fn):
+    """Run ``fn`` with matplotlib's mathtext and TeX off: text from a run file (image names such as
+    ``budget $5_$10.png``, layer names, specs) is drawn as it is, never parsed as math."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_plain_text
 def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, int]]] = None, n_extreme: int = 1,
                  n_modes: int = 2, topk: int = 4, maps: bool = True, image_root: Optional[str] = None,
-                 device: str = "cpu", progress: bool = True) -> Path:
+                 device: str = "cpu", progress: bool = True, force: bool = False) -> Path:
     """Write ``out/index.html`` and its figures for the run files ``paths``; returns the page's path.
 
     heads: (layer, head) pairs whose optimal images are shown (default: see :func:`choose_heads`),
     n_modes modes per head (largest singular values), topk images per mode and sign. maps=False
     skips rebuilding the model. image_root: where to look for images that moved.
+
+    The page is built in a temporary folder beside ``out`` and swapped in when complete, so a
+    report killed half-way leaves the previous one whole. An ``index.html`` in ``out`` that
+    qkprobe did not write is not overwritten unless ``force``.
     """
     paths, ablation_files = split_ablation_files(paths)   # files of ``qkprobe ablate`` get their own section
     if not paths:
@@ -485,8 +519,8 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
     runs = [read_run(p) for p in paths]        # a bad file stops here, before anything is written
     _labels(runs)
     all_choices = [choose_heads(r, n_extreme=n_extreme, explicit=heads) for r in runs]  # so do bad --heads
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out)
+    out = _stage(final, force)                 # everything below is written here, then swapped in
     ctx = _Ctx(out=out, figures=out / FIGURES, progress=progress)
     ctx.figures.mkdir(exist_ok=True)
 
@@ -524,7 +558,8 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
         optimal, odata, missing = _optimal_section(ctx, r, ri, choices, n_modes, topk, maps, image_root, device)
         importance, idata = _importance_section(ctx, r, ri, band)
         series_html, sdata = _series_section(ctx, r, ri)
-        on_disk_missing = [s for s in r.ids if resolve_image(s, image_root) is None] if len(r.ids) <= 200000 else []
+        on_disk_missing = ([s for s in r.ids if resolve_image(s, image_root_of(r, image_root)) is None]
+                           if len(r.ids) <= 200000 else [])
         if missing or on_disk_missing:
             items = [f"{s}" for s in missing]
             more = len(set(on_disk_missing) - set(missing))
@@ -560,4 +595,74 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
     tmp = out / ".index.html.partial"
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, index)
-    return index
+    _publish(out, final)
+    return final / "index.html"
+
+
+# --------------------------------------------------------------------------- writing the folder
+
+_REPORT_ENTRIES = frozenset({"index.html", FIGURES})
+
+
+def _stage(out: Path, force: bool) -> Path:
+    """A fresh folder beside ``out`` to build the report in (stale ones of killed reports removed),
+    after checking that ``out`` is a report of ours or may be replaced."""
+    index = out / "index.html"
+    if out.exists() and not out.is_dir():
+        raise QKProbeError(f"--out {out} is a file; give a folder for the report.")
+    if index.exists() and not force:
+        try:
+            with open(index, "rb") as fh:
+                head = fh.read(4096).decode("utf-8", "replace")
+        except OSError:
+            head = ""
+        if H.GENERATOR not in head:
+            raise QKProbeError(f"{index} was not written by qkprobe report; choose another --out, or pass --force to "
+                               f"replace it.")
+    parent = out.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{out.name}.report-"
+    from ..sinks.recover import _process_alive
+    for name in os.listdir(parent):
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(parent / name, ignore_errors=True)
+    stage = parent / f"{prefix}{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / FIGURES).mkdir(parents=True)
+    return stage
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where it is not available."""
+    import ctypes
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Put the finished report in ``stage`` at ``out``: one atomic swap when ``out`` holds only a
+    report; beside other files, the figures folder and then the page."""
+    if not out.exists():
+        os.rename(stage, out)
+        return
+    if set(os.listdir(out)) <= _REPORT_ENTRIES:
+        if not _exchange(stage, out):
+            old = out.with_name(f"{stage.name}.old")
+            os.rename(out, old)
+            os.rename(stage, out)
+            stage = old
+        shutil.rmtree(stage, ignore_errors=True)
+        return
+    new_figures, figures = stage / FIGURES, out / FIGURES
+    if not (figures.exists() and _exchange(new_figures, figures)):
+        if figures.exists():
+            os.rename(figures, stage / "figures.old")
+        os.rename(new_figures, figures)
+    os.replace(stage / "index.html", out / "index.html")
+    shutil.rmtree(stage, ignore_errors=True)

@@ -8,6 +8,9 @@ import json
 import math
 from typing import Any, Iterable, Optional, Sequence
 
+#: Marks a page qkprobe wrote (``qkprobe report`` replaces only pages that carry it).
+GENERATOR = '<meta name="generator" content="qkprobe report">'
+
 CSS = """
 :root { --fg: #1d1f21; --muted: #5f6670; --line: #dde1e6; --warn-bg: #fff6e0; --warn: #8a5a00; }
 * { box-sizing: border-box; }
@@ -60,7 +63,9 @@ def _finite(obj: Any) -> Any:
 
 def json_block(element_id: str, obj: Any) -> str:
     """``<script type="application/json" id=...>`` (data only: browsers do not run it)."""
-    text = json.dumps(_finite(obj), sort_keys=True, allow_nan=False).replace("</", "<\\/")
+    # No "<" at all inside the block: neither "</script" nor "<!--" can end or change it.
+    text = (json.dumps(_finite(obj), sort_keys=True, allow_nan=False)
+            .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
     return f'<script type="application/json" id="{esc(element_id)}">{text}</script>'
 
 
@@ -92,7 +97,7 @@ def page(title: str, subtitle: Sequence[str], nav: Sequence[tuple], body: str) -
     sub = "".join(f"<p>{s}</p>" for s in subtitle)
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            "<link rel=\"icon\" href=\"data:,\">\n"
+            "<link rel=\"icon\" href=\"data:,\">\n" + GENERATOR + "\n"
             f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
             f"<header><h1>{esc(title)}</h1>{sub}</header>\n<nav>{links}</nav>\n<main>\n{body}\n</main>\n"
             "</body>\n</html>\n")

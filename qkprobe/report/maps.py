@@ -20,7 +20,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import QKProbeError
 
 
 @dataclass
@@ -133,7 +132,7 @@ def recompute(meta: dict, layers: Sequence[LayerRef], paths: Dict[str, str], *, 
     from ..bases import layer_bases
     from ..capture.coordinates import capture_qk, coordinates_from_qk
     from ..data import ImageDataset
-    from ..models import load_model, weights_hash
+    from ..models import load_model, untrusted_spec, weights_hash
 
     res = MapResult(recorded_hash=str(meta.get("weights_hash") or ""))
     res.layers = {l.index: l for l in layers}
@@ -143,9 +142,10 @@ def recompute(meta: dict, layers: Sequence[LayerRef], paths: Dict[str, str], *, 
         return res
     weights = meta.get("weights_file") or None
     try:
-        model, transform = load_model(str(spec), weights=weights, pretrained=not bool(meta.get("random_init")),
-                                      seed=int(meta.get("seed") or 0), device=device)
-    except (QKProbeError, OSError, ValueError, RuntimeError) as exc:
+        with untrusted_spec():   # the spec comes from the file: never run code it names
+            model, transform = load_model(str(spec), weights=weights, pretrained=not bool(meta.get("random_init")),
+                                          seed=int(meta.get("seed") or 0), device=device)
+    except Exception as exc:  # noqa: BLE001 - whatever a file's spec makes a library raise is a note
         msg = " ".join(str(exc).split()) or type(exc).__name__
         res.notes.append(f"The model {spec} could not be rebuilt, so no query/key maps are shown ({msg}).")
         return res

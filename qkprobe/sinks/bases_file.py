@@ -43,7 +43,20 @@ def write_bases(path: str, bases: List, metadata: Dict[str, Any]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise RunFileError(f"The output folder {folder} does not exist; create it or choose another --out.")
+    if os.path.isdir(path):
+        raise RunFileError(f"{path} is a folder; give the path of a file to write, e.g. "
+                           f"{os.path.join(path, 'bases.h5')}.")
     tmp = path + ".partial"
+    try:
+        _write_bases_file(tmp, bases, metadata)
+        os.replace(tmp, path)  # a crash never leaves a half-written file under the final name
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_bases_file(tmp: str, bases: List, metadata: Dict[str, Any]) -> None:
     with h5py.File(tmp, "w") as f:
         f.attrs["kind"] = "qkprobe-bases"
         f.attrs["schema_version"] = SCHEMA_VERSION
@@ -55,7 +68,6 @@ def write_bases(path: str, bases: List, metadata: Dict[str, Any]) -> None:
                 g.create_dataset(k, data=arr)
             for k, v in bases_attrs(lb).items():
                 g.attrs[k] = to_attr(v)  # lists (extras, notes) as JSON text
-    os.replace(tmp, path)  # a crash never leaves a half-written file under the final name
 
 
 def read_bases(path: str) -> List[Dict[str, Any]]:

@@ -251,19 +251,44 @@ class RunWriter:
         if clash:
             raise RunFileError(f"Metadata keys {sorted(clash)} are reserved by the run file; rename them.")
         tmp = self.path.with_name(f".{self.path.name}.creating-{os.getpid()}")
-        f = h5py.File(tmp, "w", libver=schema.LIBVER, **self._cache_options())
+        _recover.remove_stale_temporaries(str(self.path.parent), f".{self.path.name}.creating-")
+        self._check_room()
+        f = None
         try:
+            f = h5py.File(tmp, "w", libver=schema.LIBVER, **self._cache_options())
             self._write_layout(f, metadata)
             self._mark_writer(f)
             f.flush()
             f.swmr_mode = True
             _publish(tmp, self.path)
-        except BaseException:
-            f.close()
+        except BaseException as exc:
+            if f is not None:
+                try:
+                    f.close()
+                except Exception:  # noqa: BLE001 - a full disk fails the close too; the file goes anyway
+                    pass
             tmp.unlink(missing_ok=True)
+            if isinstance(exc, (OSError, RuntimeError)) and _space_error(exc):
+                raise RunFileError(f"{self.path} could not be created: the disk is full ({_reason(exc)}); free "
+                                   f"some space or choose another folder.") from None
             raise
         self._existing_ids: list = []
         return f
+
+    def _check_room(self) -> None:
+        """Refuse before creating anything when the layout (bases, two slots of every snapshot
+        array) cannot fit: a write that fails inside HDF5 cannot be cleaned up well."""
+        need = 1 << 20
+        for spec in self.layers:
+            need += sum(np.asarray(a).nbytes for a in spec.bases.values())
+            need += sum(2 * int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in spec.snapshot.values())
+        room = shutil.disk_usage(self.path.parent).free if self.min_free_bytes else need
+        if resource is not None and resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+            room = min(room, resource.getrlimit(resource.RLIMIT_FSIZE)[0])   # a file size limit acts like a full disk
+        if room < need:
+            raise RunFileError(f"{self.path} needs about {need >> 20} MiB to be created but only {room >> 20} MiB "
+                               f"can be written there (disk full or a file size limit); free some space or choose "
+                               f"another folder.")
 
     def _cache_options(self) -> dict:
         # Every head's last, partly filled chunk of ``stats`` stays cached between commits,
@@ -750,6 +775,14 @@ def _compression_options(name: Optional[str]) -> dict:
     if name == "lzf":
         return {"compression": "lzf", "shuffle": True}
     return {}
+
+
+def _space_error(exc: BaseException) -> bool:
+    import errno
+    text = str(exc).lower()
+    return (getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            or any(w in text for w in ("no space left", "file too large", "quota exceeded", "errno = 27",
+                                       "errno = 28")))
 
 
 def _publish(tmp: Path, path: Path) -> None:

@@ -35,16 +35,63 @@ def recover(path, force: bool = False) -> int:
     Returns:
         The number of committed rows (the rows the file keeps).
     """
+    from . import validate
+
     path = Path(path)
-    if not path.is_file():
-        raise RunFileError(f"{path} does not exist; check the path.")
-    block = read_superblock(path)
-    if block.flags:
-        if not force:
-            _refuse_if_writer_alive(path)
-        clear_open_flags(path, block)
-    _grow_to_eoa(path, block)
+    try:
+        block = validate.check_file(path)
+    except validate.ShortRunFile:
+        return _recover_short(path, force)
+    except validate.TruncatedRunFile:
+        size, eoa = os.path.getsize(path), read_superblock(path).eoa
+        raise validate.TruncatedRunFile(
+            f"{path} is truncated ({size} of its {eoa} bytes) although its writer closed it: recover cannot rebuild "
+            f"the {eoa - size} missing bytes, so it left the file untouched; copy it again from a complete "
+            f"original, or start a new run file.") from None
+    # Nothing is changed in a file that is not a readable run file (damaged, crafted, linked out):
+    # a flagged file is checked with its mark cleared, and gets its superblock back if it fails.
+    if not block.flags:
+        validate.open_run_file(path).close()
+        return truncate_to_committed(path)
+    if not force:
+        _refuse_if_writer_alive(path)
+    clear_open_flags(path, block)
+    try:
+        validate.open_run_file(path, swmr=False).close()
+    except BaseException:
+        _write_superblock(path, block.offset, block.raw)
+        raise
     return truncate_to_committed(path)
+
+
+def _recover_short(path: Path, force: bool) -> int:
+    """A file whose writer's last writes failed (full disk): shorter than its recorded end and
+    flagged open. Recovered only when every committed byte lies in the file (the missing tail
+    held uncommitted writes alone); then the tail is restored as empty space, as HDF5 expects.
+    Any failure puts the original bytes back."""
+    from . import validate
+
+    block = read_superblock(path)
+    size = os.path.getsize(path)
+    if not force:
+        _refuse_if_writer_alive(path)
+    try:
+        f = validate.open_h5(path)
+    except (OSError, RuntimeError) as exc:
+        raise validate.TruncatedRunFile(f"{path} is cut short inside its own layout ({size} of {block.eoa} bytes), so "
+                                        f"recover cannot save it and left the file untouched; copy it again from a "
+                                        f"complete original.") from exc
+    with f:
+        validate.check_run_file(f, path)
+        validate.check_inside(f, path, size)
+    try:
+        os.truncate(path, block.eoa)
+        clear_open_flags(path, block)
+        return truncate_to_committed(path)
+    except BaseException:
+        os.truncate(path, size)
+        _write_superblock(path, block.offset, block.raw)
+        raise
 
 
 def needs_recover(path) -> bool:
@@ -67,6 +114,9 @@ class Superblock:
 
 def read_superblock(path) -> Superblock:
     """Find and parse the superblock (at 0, 512, 1024, 2048, ... bytes)."""
+    import stat
+    if not stat.S_ISREG(os.stat(path).st_mode):   # a FIFO or device would block or never end
+        raise RunFileError(f"{path} is not a regular file, so it is not a run file; check the path.")
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         offset = 0
@@ -112,19 +162,15 @@ def clear_open_flags(path, block: Superblock) -> None:
         at = 12 + 2 * block.size_of_offsets
         body[at:at + block.size_of_offsets] = size.to_bytes(block.size_of_offsets, "little")
     new = bytes(body) + struct.pack("<I", lookup3(bytes(body)))
+    _write_superblock(path, block.offset, new)
+
+
+def _write_superblock(path, offset: int, raw: bytes) -> None:
     with open(path, "r+b") as fh:
-        fh.seek(block.offset)
-        fh.write(new)
+        fh.seek(offset)
+        fh.write(raw)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _grow_to_eoa(path, block: Superblock) -> None:
-    # A failed write (full disk) can leave the file shorter than the end address the superblock
-    # records; HDF5 then refuses it as truncated. The missing tail was never written, so it
-    # only held space past the commit point.
-    if block.version >= 2 and os.path.getsize(path) < block.eoa:
-        os.truncate(path, block.eoa)
 
 
 def truncate_to_committed(path) -> int:
@@ -151,7 +197,12 @@ def truncate_to_committed(path) -> int:
 
 def truncate_rows(f: h5py.File, rows: int, skipped: int, series: int = 0) -> None:
     """Drop everything past ``rows`` samples, ``skipped`` skipped entries and ``series``
-    time-series points (file open r+)."""
+    time-series points (file open r+). Never grows a dataset: a record past the stored rows is damage."""
+    have = min(f[schema.SAMPLE_ID][schema.STRING_END].shape[0], f[schema.SAMPLE_STEP].shape[0])
+    if rows > have or skipped > f[schema.SKIPPED_ID][schema.STRING_END].shape[0] or min(rows, skipped, series) < 0:
+        from .validate import damaged
+        raise damaged(f.filename, f"its commit record counts {rows} rows and {skipped} skipped inputs but it holds "
+                                  f"{have} rows")
     _truncate_column(f[schema.SAMPLE_ID], rows)
     f[schema.SAMPLE_STEP].resize((rows,))
     _truncate_column(f[schema.SKIPPED_ID], skipped)
@@ -182,8 +233,9 @@ def _refuse_if_writer_alive(path) -> None:
 
 
 def _recorded_writer(path):
+    from .validate import open_h5
     try:
-        with h5py.File(path, "r", libver=schema.LIBVER, swmr=True) as f:
+        with open_h5(path) as f:
             pid = f.attrs.get(schema.WRITER_PID)
             host = f.attrs.get(schema.WRITER_HOST)
     except OSError:
@@ -191,6 +243,28 @@ def _recorded_writer(path):
     if isinstance(host, bytes):
         host = host.decode()
     return (int(pid) if pid is not None else None), host
+
+
+def remove_stale_temporaries(folder: str, prefix: str) -> list:
+    """Delete ``prefix<PID>`` files in ``folder`` left by processes of this host that no longer run
+    (a merge or a file creation killed with -9); returns their paths."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(prefix):]
+        if not name.startswith(prefix) or not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 
 def _process_alive(pid: int) -> bool:

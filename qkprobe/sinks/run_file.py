@@ -14,7 +14,7 @@ import hdf5plugin  # noqa: F401  (registers the Blosc filter used by stats)
 import numpy as np
 
 from ..errors import RunFileError
-from . import schema
+from . import schema, validate
 
 LayerKey = Union[int, str]
 
@@ -39,10 +39,16 @@ class RunFile:
         try:
             self._check_schema()
             self._bind()
+            self.refresh()
+        except RunFileError:
+            self._file.close()
+            raise
+        except (KeyError, IndexError, ValueError, TypeError, RuntimeError, OSError) as exc:
+            self._file.close()
+            raise validate.damaged(self.path, f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}") from exc
         except BaseException:
             self._file.close()
             raise
-        self.refresh()
 
     # ---- structure ------------------------------------------------------------------------
 
@@ -63,6 +69,7 @@ class RunFile:
         self.stat_names: list[str] = [schema.to_python(s) for s in f[schema.STAT_NAMES][()]]
         self.per_sample = bool(f.attrs.get("per_sample", True))
         self._rows = self._skipped = self._generation = 0
+        self._checked = False
         self._ids: list[str] = []
         self._skipped_list: list[tuple[str, str]] = []
 
@@ -71,6 +78,11 @@ class RunFile:
     def refresh(self) -> int:
         """Read the writer's latest commit; returns the committed rows (never fewer than before)."""
         rows, skipped, generation = self._read_committed()
+        if not self._checked and (rows, skipped, generation) != (0, 0, 0):
+            # The whole record against the datasets once; later commits of a live writer only
+            # need the columns read below to hold what the record counts (checked there).
+            validate.check_commit(self._file, self._committed[()], self.path)
+            self._checked = True
         if rows > self._rows:
             self._ids.extend(self._read_column(schema.SAMPLE_ID, self._rows, rows))
             self._rows = rows
@@ -92,6 +104,9 @@ class RunFile:
         group = self._file[path]
         group[schema.STRING_END].refresh()
         group[schema.STRING_BYTES].refresh()
+        if group[schema.STRING_END].shape[0] < stop:
+            raise validate.damaged(self.path, f"its commit record counts {stop} entries of {path} but it holds "
+                                              f"{group[schema.STRING_END].shape[0]}")
         return schema.read_strings(group, start, stop)
 
     def __len__(self) -> int:
@@ -246,18 +261,14 @@ class RunFile:
 
 
 def _open(path: Path) -> h5py.File:
-    if not path.is_file():
-        raise RunFileError(f"{path} does not exist; check the path.")
-    try:
-        return h5py.File(path, "r", swmr=True)
-    except OSError as exc:
-        raise RunFileError(_open_failure(path, str(exc))) from exc
+    # Checked before HDF5 sees it (truncation, links, external storage, shapes): see validate.py.
+    return validate.open_run_file(path)
 
 
 def _open_failure(path: Path, text: str) -> str:
     lowered = text.lower()
     if any(text in lowered for text in ("already open for write", "consistency flags",
-                                        "not already open for swmr writing", "truncated file")):
+                                        "not already open for swmr writing")):
         return (f"{path} was left open for writing by a writer that stopped; run `qkprobe recover {path}` "
                 f"(once no writer is running) and open it again.")
     if "lock" in lowered:
