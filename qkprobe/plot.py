@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .core.summary import weighted_cosine
+from .core.summary import symmetric_energy_fraction, weighted_cosine
 
 
 def layer_summaries(bases: Sequence) -> List[Dict[str, float]]:
@@ -141,6 +141,55 @@ def spectrum_panel(S, cosine, band: Optional[float] = None, heads: Optional[Sequ
             top.set_ylabel("singular value", fontsize=7)
             bot.set_ylabel("cos(u_r, v_r)", fontsize=7)
         bot.set_xlabel("mode r", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def sym_fraction_reading(fraction: float) -> str:
+    """One line reading a symmetric energy fraction (of a head, or a layer's mean over heads)."""
+    if not np.isfinite(fraction):
+        return "no symmetric part (query and key widths differ)"
+    kind = ("grouping-like (mostly symmetric: tokens attend to tokens like themselves)" if fraction >= 0.6 else
+            "rotation-like (mostly antisymmetric: tokens attend along turned directions)" if fraction <= 0.4 else
+            "mixed grouping and rotation")
+    return f"symmetric energy fraction {fraction:.2f}: {kind}"
+
+
+def sym_antisym_panel(sym, antisym, heads: Optional[Sequence[int]] = None, title: str = "", max_cols: int = 6):
+    """Symmetric and antisymmetric parts of W_qᵀW_k per head: top row, the eigenvalues of
+    (M + Mᵀ)/2 (descending; red > 0, blue < 0); bottom row, the magnitudes ω of the eigenvalue
+    pairs ±iω of (M − Mᵀ)/2; each head titled with its symmetric energy fraction.
+    ``sym``: (H, n), ``antisym``: (H, n // 2). Returns the figure."""
+    plt = _pyplot()
+    sym = np.atleast_2d(np.asarray(sym, dtype=np.float64))
+    anti = np.atleast_2d(np.asarray(antisym, dtype=np.float64))
+    H = sym.shape[0]
+    heads = list(range(H)) if heads is None else list(heads)
+    frac = symmetric_energy_fraction(sym, anti)
+    cols, rows = _grid(H, max_cols)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(2.3 * cols, 3.4 * rows), dpi=100, squeeze=False)
+    top_lim = max(float(np.abs(sym).max(initial=0.0)), float(anti.max(initial=0.0))) * 1.05 or 1.0
+    for i in range(rows * cols):
+        top, bot = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        if i >= H:
+            top.axis("off")
+            bot.axis("off")
+            continue
+        x = np.arange(sym.shape[1])
+        top.bar(x, sym[i], width=1.0, color=np.where(sym[i] >= 0, "tab:red", "tab:blue"))
+        top.axhline(0.0, color="0.5", lw=0.6)
+        top.set_ylim(-top_lim, top_lim)
+        top.set_title(f"H{heads[i]}  sym frac {frac[i]:.2f}", fontsize=8)
+        bot.bar(np.arange(anti.shape[1]), anti[i], width=1.0, color="tab:purple")
+        bot.set_ylim(0.0, top_lim)
+        for ax in (top, bot):
+            ax.tick_params(labelsize=6)
+        if i % cols == 0:
+            top.set_ylabel("eig (M+Mᵀ)/2", fontsize=7)
+            bot.set_ylabel("|eig| (M−Mᵀ)/2 pairs", fontsize=7)
+        bot.set_xlabel("index", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -3,7 +3,8 @@
 Layout: root attrs ``kind="qkprobe-bases"``, ``schema_version``, metadata (spec, weights hash,
 versions, options; dicts as JSON); one group ``/layers/<i>`` (zero-padded, forward order) with
 datasets ``U`` (H, D, R), ``S`` (H, R), ``V`` (H, Dk, R), ``cosine`` (H, R), ``key_bias_term``
-(H, Dk), ``a_offset``/``b_offset`` (H, R) and attrs ``name``, ``family``, ``scale``,
+(H, Dk), ``a_offset``/``b_offset`` (H, R), ``sym_eigvals`` (H, min(2R, D)) and ``antisym_eigvals``
+(H, min(2R, D) // 2) (absent when D != Dk) and attrs ``name``, ``family``, ``scale``,
 ``prefix_tokens`` (-1 = unknown), ``extras`` and ``notes`` (JSON lists), ``fold_ln``.
 """
 
@@ -21,6 +22,8 @@ from ..metadata import to_attr
 
 SCHEMA_VERSION = 1
 _ARRAYS = ("U", "S", "V", "cosine", "key_bias_term", "a_offset", "b_offset")
+#: Written when present (None for cross-attention with D != Dk, where M has no symmetric part).
+_OPTIONAL_ARRAYS = ("sym_eigvals", "antisym_eigvals")
 
 
 def layer_group_name(i: int, n: int) -> str:
@@ -28,7 +31,10 @@ def layer_group_name(i: int, n: int) -> str:
 
 
 def bases_arrays(lb) -> Dict[str, np.ndarray]:
-    return {k: getattr(lb, k).detach().cpu().numpy() for k in _ARRAYS}
+    out = {k: getattr(lb, k).detach().cpu().numpy() for k in _ARRAYS}
+    out.update({k: getattr(lb, k).detach().cpu().numpy() for k in _OPTIONAL_ARRAYS
+                if getattr(lb, k, None) is not None})
+    return out
 
 
 def bases_attrs(lb) -> Dict[str, Any]:
