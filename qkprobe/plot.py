@@ -48,6 +48,50 @@ def layer_curve(series: Dict[str, Sequence[Dict[str, float]]], ax=None, title: s
     return _finish_depth_plot(fig, ax, "cosine(u_r, v_r)", title or "query-key mode cosine per layer", 0.8)
 
 
+def layer_curves(path, ax=None, title: str = "", per_model_legend: Optional[bool] = None):
+    """The paper's Figure 2 from a ``qkprobe bases`` file: every model's S-weighted cosine per layer
+    (mean over heads of Σ_r (s_r/Σs) cos_r) over relative depth, coloured by the model's group
+    (training objective where the library's metadata says it, else family; see
+    :func:`qkprobe.zoo.group_of`). A single-model bases file gives one curve.
+
+    The official notebook's "weighted cosine" is mean_r(cos_r · s_r/Σs), i.e. this value divided
+    by R: the same curve shape. ``per_model_legend``: one legend entry per model (default when
+    there are at most 12), else one per group. Returns the figure.
+    """
+    from .sinks.bases_file import ZOO_KIND, file_kind, read_bases, read_zoo
+    kind = file_kind(str(path))
+    if kind == ZOO_KIND:
+        zoo = read_zoo(str(path))
+        models = [(m["attrs"].get("model_spec", key), str(m["attrs"].get("group", "")), m["layers"])
+                  for key, m in zoo["models"].items()]
+    else:
+        models = [(str(path), "", read_bases(str(path)))]
+    plt = _pyplot()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    groups = list(dict.fromkeys(g for _, g, _ in models))
+    per_model = len(models) <= 12 if per_model_legend is None else per_model_legend
+    seen: set = set()
+    in_group: Dict[str, int] = {}
+    for spec, group, layers in models:
+        k = in_group[group] = in_group.get(group, -1) + 1  # models of one colour get their own dash
+        rows = layer_summaries(layers)
+        color = f"C{groups.index(group) % 10}"
+        if per_model:
+            label = f"{spec} — {group}" if group else spec
+        else:
+            label = group if group not in seen else None
+            seen.add(group)
+        ax.plot(relative_depth(len(rows)), [r["weighted_cosine"] for r in rows], marker="o", ms=2.5, lw=1.2,
+                color=color, alpha=0.85, label=label,
+                linestyle=("-", "--", ":", "-.")[k % 4] if per_model else "-")
+    if not models:
+        ax.text(0.5, 0.5, "no complete model in the file", ha="center", transform=ax.transAxes)
+    return _finish_depth_plot(fig, ax, "S-weighted cosine (mean over heads)",
+                              title or "S-weighted query-key cosine per layer", 0.8)
+
+
 # --------------------------------------------------------------------------- helpers
 
 def _finish_depth_plot(fig, ax, ylabel: str, title: str, zero_width: float):

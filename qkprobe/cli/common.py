@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="timm:<name> | open_clip:<arch>[/<tag>] | hf:<repo or dir> | "
-                                "torchvision:<name>[/<weights>]")
+def add_model_args(p: argparse.ArgumentParser, nargs=None) -> None:
+    p.add_argument("spec", nargs=nargs, help="timm:<name> | open_clip:<arch>[/<tag>] | hf:<repo or dir> | "
+                                             "torchvision:<name>[/<weights>]")
     p.add_argument("--weights", help="local .safetensors or torch state-dict file to load")
     p.add_argument("--random-init", action="store_true", help="random weights (from --seed) instead of pretrained")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
