@@ -263,19 +263,21 @@ def sym_antisym_spectra(W_q: Tensor, W_k: Tensor) -> Optional[SymParts]:
         if 2 * R >= D:
             C = W_q.transpose(-1, -2) @ W_k  # (H, D, D): no larger than the 2R × 2R core
         else:
-            _, T = torch.linalg.qr(torch.cat([W_q, W_k], dim=1).transpose(-1, -2))  # (H, 2R, 2R)
+            # Householder QR, R factor only (Q is never needed): (H, 2R, 2R)
+            T = torch.linalg.qr(torch.cat([W_q, W_k], dim=1).transpose(-1, -2), mode="r").R
             C = T[..., :R] @ T[..., R:].transpose(-1, -2)  # (H, 2R, 2R) = Qᵀ M Q
         return _sym_parts(C)
 
 
 def _sym_parts(C: Tensor) -> SymParts:
     """Spectra of the parts of C (H, n, n): eigvalsh of (C + Cᵀ)/2 and, for K = (C − Cᵀ)/2, the
-    top n // 2 eigenvalues of the Hermitian iK (= the ω_j of K's pairs ±iω_j)."""
+    ω_j of its eigenvalue pairs ±iω_j. K is normal, so its singular values are the |±iω_j|, each
+    twice (descending): every other one is the pair's ω (absolute accuracy ε‖K‖, unlike
+    square roots of the eigenvalues of KᵀK)."""
     Ct = C.transpose(-1, -2)
     sym = torch.linalg.eigvalsh((C + Ct) / 2).flip(-1)  # (H, n) descending
     n = C.shape[-1]
-    herm = (C - Ct).to(torch.complex128) * 0.5j  # i·K is Hermitian with eigenvalues ±ω_j
-    omega = torch.linalg.eigvalsh(herm).flip(-1)[..., : n // 2].clamp_min(0.0)  # (H, n // 2)
+    omega = torch.linalg.svdvals((C - Ct) / 2)[..., 0:2 * (n // 2):2]  # (H, n // 2)
     return SymParts(sym=sym, antisym=omega)
 
 
