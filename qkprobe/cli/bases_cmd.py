@@ -84,8 +84,8 @@ def run_zoo_cmd(args) -> int:
                   progress=not args.no_progress)
     zoo = read_zoo(args.out)
     print(f"{args.out}: {len(zoo['models'])} models ({len(res.done)} done now, {len(res.skipped)} already in the "
-          f"file), {len(res.failed)} failed")
-    for key, reason in res.failed.items():
+          f"file), {len(zoo['failed'])} failed")
+    for key, reason in zoo["failed"].items():  # every failure the file records, of this run or earlier ones
         print(f"  failed: {key}: {reason}")
     if args.plot and zoo["models"]:
         fig = layer_curves(args.out)

@@ -7,6 +7,8 @@ def weighted_cosine(S, cosine):
         Σ_r s_r cos(u_r, v_r) / Σ_r s_r        S, cosine: (..., R) → (...)
 
     0 where every s_r is 0. Torch tensors or numpy arrays (the same operations exist in both).
+    The official notebook's "weighted cosine" is mean_r(cos_r · s_r/Σs), i.e. this value divided
+    by R (the number of modes): the same layer-curve shape.
     """
     total = S.sum(-1)
     return (S * cosine).sum(-1) / (total + (total == 0))
