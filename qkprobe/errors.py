@@ -31,3 +31,7 @@ class ShapeError(QKProbeError):
 
 class RunFileError(QKProbeError):
     """A run file that cannot be read, resumed or written."""
+
+
+class TransformError(QKProbeError):
+    """Image preprocessing options that cannot be applied (e.g. --mean with no transform to change)."""

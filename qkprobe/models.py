@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
-from .errors import UnknownModelSpec, WeightsError
+from .errors import TransformError, UnknownModelSpec, WeightsError
 
 __all__ = ["ModelSpec", "parse_spec", "describe", "load_model", "weights_hash", "minilm_path",
            "load_weights_file", "processor_transform", "LIBRARIES", "override_transform", "image_transform"]
@@ -570,8 +570,8 @@ def override_transform(transform: Any, image_size: Optional[int] = None, mean: O
     if not steps:
         size = (image_size, image_size) if image_size is not None else None
         if size is None:
-            raise WeightsError("--mean/--std need an image transform to change and this model has none, so give "
-                               "--image-size too.")
+            raise TransformError("--mean/--std need an image transform to change and this model has none, so "
+                                 "give --image-size too.")
         return image_transform(size, mean or IMAGENET_MEAN, std or IMAGENET_STD)
     out = []
     crops = [t for t in steps if isinstance(t, T.CenterCrop)]

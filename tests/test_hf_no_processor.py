@@ -13,6 +13,7 @@ from torchvision import transforms as T
 import qkprobe
 from qkprobe.cli.main import main
 from qkprobe.data import skimage_images
+from qkprobe.errors import TransformError
 from qkprobe.models import IMAGENET_MEAN, IMAGENET_STD, load_model, override_transform
 
 
@@ -62,6 +63,8 @@ def test_override_transform_keeps_the_crop_ratio_and_replaces_statistics():
     assert override_transform(t) is t
     made = override_transform(None, image_size=40, std=[0.25] * 3)
     assert made(Image.new("RGB", (90, 70))).shape == (3, 40, 40) and list(made.transforms[-1].std) == [0.25] * 3
+    with pytest.raises(TransformError, match="--image-size"):
+        override_transform(None, mean=[0.5] * 3)
 
 
 def test_run_uses_the_config_transform_and_the_overrides(hf_dir, photos, tmp_path, capsys):
