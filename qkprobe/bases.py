@@ -27,8 +27,8 @@ import torch.nn as nn
 
 from .adapters.base import QKWeights
 from .adapters.discover import AttentionSite, find_attention, prefix_tokens
-from .core.modes import QKModes, fold_affine_norm, qk_modes
-from .core.summary import weighted_cosine
+from .core.modes import QKModes, fold_affine_norm, qk_modes, sym_antisym_spectra
+from .core.summary import symmetric_energy_fraction, weighted_cosine
 
 Tensor = torch.Tensor
 
@@ -51,6 +51,10 @@ class LayerBases:
         key_bias_term: (H, Dk) b_qᵀ W_k. a_offset, b_offset: (H, R) coordinate offsets.
         coord_q, coord_k: (H, R, R) maps from captured q, k to mode coordinates.
         fold_ln: whether a norm's affine map was folded in. notes: remarks for the user.
+        sym_eigvals: (H, n) eigenvalues of the symmetric part (M + Mᵀ)/2 of M = W_q,hᵀW_k,h,
+            descending, n = min(2R, D); antisym_eigvals: (H, n // 2) magnitudes ω of the
+            eigenvalue pairs ±iω of (M − Mᵀ)/2 (see :func:`qkprobe.core.modes.sym_antisym_spectra`).
+            Both None when D != Dk.
     """
 
     name: str
@@ -71,6 +75,8 @@ class LayerBases:
     coord_k: Tensor
     fold_ln: bool = False
     notes: Tuple[str, ...] = field(default_factory=tuple)
+    sym_eigvals: Optional[Tensor] = None
+    antisym_eigvals: Optional[Tensor] = None
 
     @property
     def num_modes(self) -> int:
@@ -79,6 +85,13 @@ class LayerBases:
     def weighted_cosine(self) -> Tensor:
         """(H,) the paper's singular-value-weighted cosine per head: Σ_r (s_r/Σs) cos_r."""
         return weighted_cosine(self.S, self.cosine)
+
+    def symmetric_energy_fraction(self) -> Tensor:
+        """(H,) ‖(M + Mᵀ)/2‖²_F / ‖M‖²_F per head (NaN when D != Dk): grouping-like (1) vs
+        rotation-like (0); see :func:`qkprobe.core.summary.symmetric_energy_fraction`."""
+        if self.sym_eigvals is None or self.antisym_eigvals is None:
+            return torch.full((self.num_heads,), float("nan"), dtype=torch.float64)
+        return symmetric_energy_fraction(self.sym_eigvals, self.antisym_eigvals)
 
     def layer_summary(self) -> dict:
         """Mean cosine and mean (over heads) S-weighted cosine of the layer."""
@@ -109,6 +122,7 @@ def layer_bases(site: AttentionSite, model: nn.Module, fold_ln: bool = False,
         m: QKModes = qk_modes(w.W_q.detach().cpu(), w.W_k.detach().cpu(),
                               None if w.b_q is None else w.b_q.detach().cpu(),
                               None if w.b_k is None else w.b_k.detach().cpu())
+        parts = sym_antisym_spectra(w.W_q.detach().cpu(), w.W_k.detach().cpu())
     extras = w.extras
     refine = getattr(site.adapter, "model_extras", None)
     if refine is not None:
@@ -117,7 +131,9 @@ def layer_bases(site: AttentionSite, model: nn.Module, fold_ln: bool = False,
     return LayerBases(name=site.name, family=site.adapter.name, num_heads=w.num_heads, head_dim=w.head_dim,
                       U=m.U, S=m.S, V=m.V, cosine=cosine, scale=w.scale, prefix_tokens=n_prefix,
                       extras=frozenset(extras), key_bias_term=m.key_bias_term, a_offset=m.a_offset,
-                      b_offset=m.b_offset, coord_q=m.coord_q, coord_k=m.coord_k, fold_ln=folded, notes=notes)
+                      b_offset=m.b_offset, coord_q=m.coord_q, coord_k=m.coord_k, fold_ln=folded, notes=notes,
+                      sym_eigvals=None if parts is None else parts.sym,
+                      antisym_eigvals=None if parts is None else parts.antisym)
 
 
 def compute_bases(model: nn.Module, fold_ln: bool = False, strict: bool = False) -> List[LayerBases]:

@@ -35,3 +35,7 @@ class RunFileError(QKProbeError):
 
 class InterventionError(QKProbeError):
     """A mode intervention that names layers, heads or modes the model does not have."""
+
+
+class TransformError(QKProbeError):
+    """Image preprocessing options that cannot be applied (e.g. --mean with no transform to change)."""

@@ -30,10 +30,10 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
-from .errors import UnknownModelSpec, WeightsError
+from .errors import TransformError, UnknownModelSpec, WeightsError
 
 __all__ = ["ModelSpec", "parse_spec", "describe", "load_model", "weights_hash", "minilm_path",
-           "load_weights_file", "processor_transform", "LIBRARIES"]
+           "load_weights_file", "processor_transform", "LIBRARIES", "override_transform", "image_transform"]
 
 #: Canonical library prefixes, in the order messages list them.
 LIBRARIES = ("timm", "open_clip", "hf", "torchvision")
@@ -471,6 +471,9 @@ def _hf_transform(src: str, kw: Dict[str, Any]):
         proc = None
     if proc is not None:
         return processor_transform(proc)
+    from_config = _config_vision_transform(src, kw)
+    if from_config is not None:
+        return from_config
     if os.path.isdir(src) and not any(os.path.isfile(os.path.join(src, f)) for f in _TOKENIZER_FILES):
         return None
     try:
@@ -525,6 +528,88 @@ def processor_transform(proc: Any):
     if getattr(proc, "do_normalize", True) and mean is not None and std is not None:
         steps.append(T.Normalize(list(mean), list(std)))
     return T.Compose(steps)
+
+
+#: ImageNet statistics, the transform's default where a model says nothing else.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def config_image_size(config: Any) -> Optional[Tuple[int, int]]:
+    """(height, width) a vision model's config names (``image_size``, also under ``vision_config``), or None."""
+    for cfg in (config, getattr(config, "vision_config", None)):
+        size = getattr(cfg, "image_size", None)
+        if isinstance(size, int) and size > 0:
+            return size, size
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+            return int(size[0]), int(size[1])
+    return None
+
+
+def image_transform(size: Tuple[int, int], mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD):
+    """Resize to ``size`` (bicubic), ToTensor, Normalize: what a vision model with no preprocessing config gets."""
+    from torchvision import transforms as T
+    return T.Compose([T.Resize(tuple(size), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                      T.Normalize(list(mean), list(std))])
+
+
+def _config_vision_transform(src: str, kw: Dict[str, Any]):
+    """For a Hugging Face vision model without a preprocessor config (e.g. weights converted and saved
+    with ``save_pretrained`` alone): the transform from the model config's image size and ImageNet
+    statistics, said once as a warning. None when the config names no image size."""
+    import warnings
+
+    import transformers
+    try:
+        config = transformers.AutoConfig.from_pretrained(src, **kw)
+    except Exception:  # noqa: BLE001 - no config: nothing to build from
+        return None
+    size = config_image_size(config)
+    if size is None:
+        return None
+    warnings.warn(f"{src} has no preprocessor config, so qkprobe builds the image transform from the model config: "
+                  f"resize to {size[0]}x{size[1]}, ImageNet mean/std (override with --image-size/--mean/--std).",
+                  UserWarning, stacklevel=2)
+    return image_transform(size)
+
+
+def override_transform(transform: Any, image_size: Optional[int] = None, mean: Optional[Sequence[float]] = None,
+                       std: Optional[Sequence[float]] = None):
+    """``transform`` with its image size and/or normalization replaced (CLI ``--image-size``, ``--mean``,
+    ``--std``): a torchvision ``Compose`` keeps its other steps (a Resize before a CenterCrop keeps its
+    ratio to the crop); anything else, or no transform, is replaced by :func:`image_transform`.
+    Returns ``transform`` itself when nothing is overridden."""
+    if image_size is None and mean is None and std is None:
+        return transform
+    from torchvision import transforms as T
+    steps = list(getattr(transform, "transforms", None) or []) if isinstance(transform, T.Compose) else []
+    norms = [t for t in steps if isinstance(t, T.Normalize)]
+    if not steps:
+        size = (image_size, image_size) if image_size is not None else None
+        if size is None:
+            raise TransformError("--mean/--std need an image transform to change and this model has none, so "
+                                 "give --image-size too.")
+        return image_transform(size, mean or IMAGENET_MEAN, std or IMAGENET_STD)
+    out = []
+    crops = [t for t in steps if isinstance(t, T.CenterCrop)]
+    old_crop = crops[0].size[0] if crops else None
+    for t in steps:
+        if image_size is not None and isinstance(t, T.CenterCrop):
+            t = T.CenterCrop(image_size)
+        elif image_size is not None and isinstance(t, T.Resize):
+            if old_crop:  # Resize(256) + CenterCrop(224): keep 256/224
+                old = t.size if isinstance(t.size, int) else t.size[0]
+                new = int(round(image_size * old / old_crop))
+                t = T.Resize(new if isinstance(t.size, int) else (new, new), interpolation=t.interpolation)
+            else:
+                t = T.Resize((image_size, image_size), interpolation=t.interpolation)
+        elif isinstance(t, T.Normalize) and (mean is not None or std is not None):
+            t = T.Normalize(list(mean or t.mean), list(std or t.std))
+        out.append(t)
+    if not norms and (mean is not None or std is not None):
+        out.append(T.Normalize(list(mean or IMAGENET_MEAN), list(std or IMAGENET_STD)))
+    return T.Compose(out)
 
 
 _LOADERS = {"timm": _load_timm, "open_clip": _load_open_clip, "hf": _load_hf,

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .core.summary import weighted_cosine
+from .core.summary import symmetric_energy_fraction, weighted_cosine
 
 
 def layer_summaries(bases: Sequence) -> List[Dict[str, float]]:
@@ -46,6 +46,50 @@ def layer_curve(series: Dict[str, Sequence[Dict[str, float]]], ax=None, title: s
         ax.plot(x, [r["weighted_cosine"] for r in rows], "-o", color=color, ms=3, label=f"{label} (S-weighted)")
         ax.plot(x, [r["mean_cosine"] for r in rows], "--", color=color, alpha=0.7, label=f"{label} (mean)")
     return _finish_depth_plot(fig, ax, "cosine(u_r, v_r)", title or "query-key mode cosine per layer", 0.8)
+
+
+def layer_curves(path, ax=None, title: str = "", per_model_legend: Optional[bool] = None):
+    """The paper's Figure 2 from a ``qkprobe bases`` file: every model's S-weighted cosine per layer
+    (mean over heads of Σ_r (s_r/Σs) cos_r) over relative depth, coloured by the model's group
+    (training objective where the library's metadata says it, else family; see
+    :func:`qkprobe.zoo.group_of`). A single-model bases file gives one curve.
+
+    The official notebook's "weighted cosine" is mean_r(cos_r · s_r/Σs), i.e. this value divided
+    by R: the same curve shape. ``per_model_legend``: one legend entry per model (default when
+    there are at most 12), else one per group. Returns the figure.
+    """
+    from .sinks.bases_file import ZOO_KIND, file_kind, read_bases, read_zoo
+    kind = file_kind(str(path))
+    if kind == ZOO_KIND:
+        zoo = read_zoo(str(path))
+        models = [(m["attrs"].get("model_spec", key), str(m["attrs"].get("group", "")), m["layers"])
+                  for key, m in zoo["models"].items()]
+    else:
+        models = [(str(path), "", read_bases(str(path)))]
+    plt = _pyplot()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    groups = list(dict.fromkeys(g for _, g, _ in models))
+    per_model = len(models) <= 12 if per_model_legend is None else per_model_legend
+    seen: set = set()
+    in_group: Dict[str, int] = {}
+    for spec, group, layers in models:
+        k = in_group[group] = in_group.get(group, -1) + 1  # models of one colour get their own dash
+        rows = layer_summaries(layers)
+        color = f"C{groups.index(group) % 10}"
+        if per_model:
+            label = f"{spec} — {group}" if group else spec
+        else:
+            label = group if group not in seen else None
+            seen.add(group)
+        ax.plot(relative_depth(len(rows)), [r["weighted_cosine"] for r in rows], marker="o", ms=2.5, lw=1.2,
+                color=color, alpha=0.85, label=label,
+                linestyle=("-", "--", ":", "-.")[k % 4] if per_model else "-")
+    if not models:
+        ax.text(0.5, 0.5, "no complete model in the file", ha="center", transform=ax.transAxes)
+    return _finish_depth_plot(fig, ax, "S-weighted cosine (mean over heads)",
+                              title or "S-weighted query-key cosine per layer", 0.8)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -141,6 +185,55 @@ def spectrum_panel(S, cosine, band: Optional[float] = None, heads: Optional[Sequ
             top.set_ylabel("singular value", fontsize=7)
             bot.set_ylabel("cos(u_r, v_r)", fontsize=7)
         bot.set_xlabel("mode r", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def sym_fraction_reading(fraction: float) -> str:
+    """One line reading a symmetric energy fraction (of a head, or a layer's mean over heads)."""
+    if not np.isfinite(fraction):
+        return "no symmetric part (query and key widths differ)"
+    kind = ("grouping-like (mostly symmetric: tokens attend to tokens like themselves)" if fraction >= 0.6 else
+            "rotation-like (mostly antisymmetric: tokens attend along turned directions)" if fraction <= 0.4 else
+            "mixed grouping and rotation")
+    return f"symmetric energy fraction {fraction:.2f}: {kind}"
+
+
+def sym_antisym_panel(sym, antisym, heads: Optional[Sequence[int]] = None, title: str = "", max_cols: int = 6):
+    """Symmetric and antisymmetric parts of W_qᵀW_k per head: top row, the eigenvalues of
+    (M + Mᵀ)/2 (descending; red > 0, blue < 0); bottom row, the magnitudes ω of the eigenvalue
+    pairs ±iω of (M − Mᵀ)/2; each head titled with its symmetric energy fraction.
+    ``sym``: (H, n), ``antisym``: (H, n // 2). Returns the figure."""
+    plt = _pyplot()
+    sym = np.atleast_2d(np.asarray(sym, dtype=np.float64))
+    anti = np.atleast_2d(np.asarray(antisym, dtype=np.float64))
+    H = sym.shape[0]
+    heads = list(range(H)) if heads is None else list(heads)
+    frac = symmetric_energy_fraction(sym, anti)
+    cols, rows = _grid(H, max_cols)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(2.3 * cols, 3.4 * rows), dpi=100, squeeze=False)
+    top_lim = max(float(np.abs(sym).max(initial=0.0)), float(anti.max(initial=0.0))) * 1.05 or 1.0
+    for i in range(rows * cols):
+        top, bot = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        if i >= H:
+            top.axis("off")
+            bot.axis("off")
+            continue
+        x = np.arange(sym.shape[1])
+        top.bar(x, sym[i], width=1.0, color=np.where(sym[i] >= 0, "tab:red", "tab:blue"))
+        top.axhline(0.0, color="0.5", lw=0.6)
+        top.set_ylim(-top_lim, top_lim)
+        top.set_title(f"H{heads[i]}  sym frac {frac[i]:.2f}", fontsize=8)
+        bot.bar(np.arange(anti.shape[1]), anti[i], width=1.0, color="tab:purple")
+        bot.set_ylim(0.0, top_lim)
+        for ax in (top, bot):
+            ax.tick_params(labelsize=6)
+        if i % cols == 0:
+            top.set_ylabel("eig (M+Mᵀ)/2", fontsize=7)
+            bot.set_ylabel("|eig| (M−Mᵀ)/2 pairs", fontsize=7)
+        bot.set_xlabel("index", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -50,7 +50,7 @@ def _cli(*args):
     (["bases", "nolib:thing", "--random-init", "--out", "{tmp}/x.h5"], "timm:"),
     (["bases", SPEC, "--random-init", "--out", "{tmp}/missing/x.h5"], "does not exist"),
     (["bases", SPEC, "--out", "{tmp}/x.h5"], "--random-init"),  # offline: pretrained cannot be fetched
-    (["bases", "torchvision:swin_t", "--random-init", "--out", "{tmp}/x.h5"], "register_attention"),
+    (["bases", "torchvision:maxvit_t", "--random-init", "--out", "{tmp}/x.h5"], "register_attention"),
 ])
 def test_bad_input_is_one_sentence_and_nonzero_exit(tmp_path, args, needle):
     r = _cli(*[a.format(tmp=tmp_path) for a in args])

@@ -71,6 +71,7 @@ def test_page_loads_in_chromium_with_every_image(report_dir, tmp_path):
     assert not re.search(r'(src|href)="(https?:)?//', html), "the page must not fetch anything from the network"
     srcs = _img_srcs(index)
     assert len(srcs) >= 6 + 5 + 3  # spectra of 6 layers, optimal images of 5 heads, layer curve + importance
+    assert sum("symparts" in s for s in srcs) == 6  # a symmetric/antisymmetric panel beside each spectrum
     shot = tmp_path / "report.png"
     check = check_page(index, screenshot=str(shot))
     assert check.console_errors == []
@@ -145,6 +146,21 @@ def test_figure_data_equal_the_file(run_file, report_dir):
             assert row["similar"] == pytest.approx((share * (cos > band)).sum(1).mean())
             assert row["dissimilar"] == pytest.approx((share * (cos < -band)).sum(1).mean())
             assert row["similar"] + row["dissimilar"] + row["neutral"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_symmetric_energy_fraction_equals_the_file(run_file, report_dir):
+    index = report_dir / "index.html"
+    fracs = _json(index, "run0-sym-data")["symmetric_energy_fraction"]
+    html = index.read_text(encoding="utf-8")
+    with qkprobe.open_run(str(run_file)) as run:
+        assert len(fracs) == len(run.layer_names)
+        for i, got in enumerate(fracs):
+            b = run.bases(i)
+            lam, om = b["sym_eigvals"].astype(np.float64), b["antisym_eigvals"].astype(np.float64)
+            ref = (lam ** 2).sum(1) / (b["S"].astype(np.float64) ** 2).sum(1)  # ‖sym‖²/‖M‖², ‖M‖² = Σs²
+            np.testing.assert_allclose(got, ref, rtol=1e-9)
+            assert (om >= 0).all()
+            assert f"symmetric energy fraction {np.mean(ref):.2f}" in html
 
 
 @needs_browser

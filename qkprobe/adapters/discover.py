@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..errors import NoAttention, UnsupportedAttention
 from . import hf, timm, torch_mha  # noqa: F401  (registers the built-in families)
+from . import open_clip_attn, timm_parallel, torchvision_swin  # noqa: F401  (issue 12: more families)
 from .base import AttentionAdapter, adapter_for, looks_like_attention
 
 

@@ -1,4 +1,9 @@
-"""``qkprobe bases SPEC --out bases.h5 [--plot layers.png]``: the modes of every layer."""
+"""``qkprobe bases SPEC [SPEC ...] --out bases.h5 [--plot layers.png]``: the modes of every layer.
+
+One spec: a single-model bases file (``layers/<i>``). Several specs, wildcards over a library's
+registry (``'timm:vit_*'``, ``'open_clip:*'``) or ``--zoo``: a model-zoo file with one group per
+model, resumable (models already in it are skipped on rerun), failures listed with their reason.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,14 @@ from .common import add_model_args, check_out_file, load_from_args
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("bases", help="singular modes of W_q^T W_k for every attention layer")
-    add_model_args(p)
+    p = sub.add_parser("bases", help="singular modes of W_q^T W_k for every attention layer (one model or a zoo)")
+    add_model_args(p, nargs="+")
     p.add_argument("--fold-ln", action="store_true", help="fold the affine map of the norm feeding attention")
     p.add_argument("--out", required=True, help="HDF5 file to write")
-    p.add_argument("--plot", help="PNG of the layer curve (mean and S-weighted cosine per layer)")
+    p.add_argument("--plot", help="PNG of the layer curve (one model: mean and S-weighted cosine per layer; "
+                                  "zoo: every model's S-weighted curve over relative depth, the paper's Figure 2)")
+    p.add_argument("--zoo", action="store_true", help="write a model-zoo file even for one spec")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar over models")
     p.set_defaults(func=run)
 
 
@@ -24,12 +32,15 @@ def format_table(bases, summaries) -> str:
     return "\n".join(rows)
 
 
+def _zoo_mode(args) -> bool:
+    from ..sinks.bases_file import ZOO_KIND, file_kind
+    from ..zoo import is_wildcard
+    return bool(args.zoo or len(args.spec) > 1 or any(is_wildcard(s) for s in args.spec)
+                or file_kind(args.out) == ZOO_KIND)
+
+
 def run(args) -> int:
-    from ..bases import compute_bases
     from ..errors import RunFileError
-    from ..metadata import versions
-    from ..plot import layer_curve, layer_summaries
-    from ..sinks.bases_file import write_bases
 
     check_out_file(args.out, example="bases.h5")
     if args.plot:
@@ -37,6 +48,21 @@ def run(args) -> int:
     for path in (args.out, args.plot):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise RunFileError(f"The folder of {path} does not exist; create it or choose another path.")
+    if _zoo_mode(args):
+        if args.weights:
+            raise RunFileError("--weights loads one model's file, so it cannot go with several specs or a zoo "
+                               "file; run qkprobe bases SPEC --weights PATH for that model alone.")
+        return run_zoo_cmd(args)
+    args.spec = args.spec[0]
+    return run_one(args)
+
+
+def run_one(args) -> int:
+    from ..bases import compute_bases
+    from ..metadata import versions
+    from ..plot import layer_curve, layer_summaries
+    from ..sinks.bases_file import write_bases
+
     model, _, meta = load_from_args(args)
     bases = compute_bases(model, fold_ln=args.fold_ln)
     meta.update(versions=versions(), options={"fold_ln": bool(args.fold_ln)})
@@ -48,4 +74,27 @@ def run(args) -> int:
         fig = layer_curve({args.spec: summaries}, title=args.spec)
         fig.savefig(args.plot, bbox_inches="tight")
         print(f"wrote the layer curve to {args.plot}")
+    return 0
+
+
+def run_zoo_cmd(args) -> int:
+    from ..errors import QKProbeError
+    from ..plot import layer_curves
+    from ..sinks.bases_file import read_zoo
+    from ..zoo import run_zoo
+
+    res = run_zoo(args.spec, args.out, random_init=args.random_init, seed=args.seed, fold_ln=args.fold_ln,
+                  progress=not args.no_progress)
+    zoo = read_zoo(args.out)
+    print(f"{args.out}: {len(zoo['models'])} models ({len(res.done)} done now, {len(res.skipped)} already in the "
+          f"file), {len(zoo['failed'])} failed")
+    for key, reason in zoo["failed"].items():  # every failure the file records, of this run or earlier ones
+        print(f"  failed: {key}: {reason}")
+    if args.plot and zoo["models"]:
+        fig = layer_curves(args.out)
+        fig.savefig(args.plot, bbox_inches="tight")
+        print(f"wrote the layer curves to {args.plot}")
+    if not zoo["models"]:
+        raise QKProbeError(f"No model could be done for {args.out} ({len(res.failed)} failed); see the reasons "
+                           f"above.")
     return 0

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import RunFileError
-from .common import add_model_args, check_at_least, check_device, check_out_file, load_from_args
+from .common import (add_model_args, add_transform_args, check_at_least, check_device, check_out_file,
+                     load_from_args, transform_from_args)
 
 
 def add_parsers(sub) -> None:
@@ -34,6 +35,7 @@ def add_parsers(sub) -> None:
                                    "per layer)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print the committed row count after every batch")
+    add_transform_args(p)
     p.set_defaults(func=run)
 
     p = sub.add_parser("inspect", help="print what a run file holds")
@@ -228,6 +230,7 @@ def _run(args, group: Optional[_Group]) -> int:
     if not paths:
         raise RunFileError("Found no images to run on; check --images or --list.")
     model, transform, meta = load_from_args(args, device=args.device)
+    transform = transform_from_args(transform, args, meta)
     if transform is None or not callable(transform) or hasattr(transform, "tokenize"):
         raise RunFileError(f"{args.spec} has no image preprocessing; qkprobe run needs a vision model.")
     options = ProbeOptions(top_samples=args.topk, topk=args.topk_mean, per_sample=not args.no_per_sample,

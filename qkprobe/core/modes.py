@@ -220,3 +220,72 @@ def fold_affine_norm(W: Tensor, b: Optional[Tensor], gamma: Optional[Tensor], be
     if gamma is not None:
         W = W * gamma.detach().to(torch.float64)
     return W, b
+
+
+# ----------------------------------------------------------------------------- symmetric / antisymmetric parts
+
+@dataclass
+class SymParts:
+    """Spectra of the symmetric and antisymmetric parts of M_h = W_q,hᵀ W_k,h, all heads (float64).
+
+    Shapes: H heads, n = min(2R, D) (the dimension of the span of W_q,hᵀ and W_k,hᵀ).
+
+    Attributes:
+        sym: (H, n) eigenvalues of (M + Mᵀ)/2, descending (signed; the other D − n are 0).
+            Positive: directions a token shares with the tokens it attends to (grouping-like).
+        antisym: (H, n // 2) ω_j ≥ 0 of the eigenvalue pairs ±iω_j of (M − Mᵀ)/2, descending
+            (rotation-like: a plane in which query and key directions are turned by 90°).
+    """
+
+    sym: Tensor
+    antisym: Tensor
+
+
+def sym_antisym_spectra(W_q: Tensor, W_k: Tensor) -> Optional[SymParts]:
+    """Eigenvalues of the symmetric part and the imaginary-pair magnitudes of the antisymmetric
+    part of ``M_h = W_q,hᵀ W_k,h`` for every head, in float64, never forming the D × D matrix.
+
+    M maps into span(W_qᵀ) and from span(W_kᵀ), so with Q (D, 2R) an orthonormal basis of the
+    span of ``[W_qᵀ W_kᵀ]`` (Householder QR ``[W_qᵀ W_kᵀ] = Q T``), ``M = Q C Qᵀ`` exactly with the
+    2R × 2R core ``C = T[:, :R] T[:, R:]ᵀ``; (C ± Cᵀ)/2 then have the non-zero spectra of
+    (M ± Mᵀ)/2. W_q: (H, R, D), W_k: (H, R, Dk). None when D != Dk (M is not square: no
+    symmetric part). When 2R ≥ D the D × D matrix itself is no larger and is used.
+    """
+    if W_q.dim() != 3 or W_k.dim() != 3 or W_q.shape[:2] != W_k.shape[:2]:
+        raise ValueError(f"W_q and W_k must be (H, R, D) with the same H and R, got "
+                         f"{tuple(W_q.shape)} and {tuple(W_k.shape)}")
+    H, R, D = W_q.shape
+    if W_k.shape[-1] != D:
+        return None
+    W_q = W_q.detach().to(torch.float64)
+    W_k = W_k.detach().to(torch.float64)
+    with _one_thread():
+        if 2 * R >= D:
+            C = W_q.transpose(-1, -2) @ W_k  # (H, D, D): no larger than the 2R × 2R core
+        else:
+            # Householder QR, R factor only (Q is never needed): (H, 2R, 2R)
+            T = torch.linalg.qr(torch.cat([W_q, W_k], dim=1).transpose(-1, -2), mode="r").R
+            C = T[..., :R] @ T[..., R:].transpose(-1, -2)  # (H, 2R, 2R) = Qᵀ M Q
+        return _sym_parts(C)
+
+
+def _sym_parts(C: Tensor) -> SymParts:
+    """Spectra of the parts of C (H, n, n): eigvalsh of (C + Cᵀ)/2 and, for K = (C − Cᵀ)/2, the
+    ω_j of its eigenvalue pairs ±iω_j. K is normal, so its singular values are the |±iω_j|, each
+    twice (descending): every other one is the pair's ω (absolute accuracy ε‖K‖, unlike
+    square roots of the eigenvalues of KᵀK)."""
+    Ct = C.transpose(-1, -2)
+    sym = torch.linalg.eigvalsh((C + Ct) / 2).flip(-1)  # (H, n) descending
+    n = C.shape[-1]
+    omega = torch.linalg.svdvals((C - Ct) / 2)[..., 0:2 * (n // 2):2]  # (H, n // 2)
+    return SymParts(sym=sym, antisym=omega)
+
+
+def full_sym_antisym(W_q: Tensor, W_k: Tensor) -> SymParts:
+    """Reference: the same spectra from the full D × D matrix per head (O(D³); tests only).
+    sym: (H, D) descending; antisym: (H, D // 2) descending."""
+    M = W_q.detach().to(torch.float64).transpose(-1, -2) @ W_k.detach().to(torch.float64)
+    sym = torch.linalg.eigvalsh((M + M.transpose(-1, -2)) / 2).flip(-1)
+    imag = torch.linalg.eigvals((M - M.transpose(-1, -2)) / 2).imag  # ±ω_j (and zeros)
+    omega = imag.sort(dim=-1, descending=True).values[..., : M.shape[-1] // 2].clamp_min(0.0)
+    return SymParts(sym=sym, antisym=omega)

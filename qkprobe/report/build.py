@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import plot
 from .._version import __version__
+from ..core.summary import symmetric_energy_fraction
 from ..errors import QKProbeError
 from . import html as H
 from .ablation import ablation_section, split_ablation_files
@@ -52,6 +53,8 @@ class LayerData:
     prefix_tokens: int                 # -1: unknown
     fold_ln: bool
     extras: List[str]
+    sym_eigvals: Optional[np.ndarray] = None      # (H, n) eigenvalues of (M+Mᵀ)/2, when stored
+    antisym_eigvals: Optional[np.ndarray] = None  # (H, n // 2) ±iω pair magnitudes of (M−Mᵀ)/2
 
 
 @dataclass
@@ -112,10 +115,18 @@ def read_run(path) -> RunData:
                 U=np.asarray(bases["U"]), V=np.asarray(bases["V"]), heads=heads, share=share, share_count=count,
                 topk_scores=scores, topk_index=index, prefix_tokens=int(attrs.get("prefix_tokens", -1)),
                 fold_ln=bool(attrs.get("fold_ln", False)), extras=list(_json_attr(attrs.get("extras"), []) or [])))
+            layers[-1].sym_eigvals, layers[-1].antisym_eigvals = _sym_arrays(bases)
         data = RunData(path=Path(path), meta=meta, rows=len(run), ids=run.ids, skipped=run.skipped,
                        layers=layers, options=options)
         data.series, data.series_note = read_series(run)
     return data
+
+
+def _sym_arrays(bases: dict):
+    """(sym_eigvals, antisym_eigvals) of a layer's stored bases as float64, or (None, None)."""
+    if "sym_eigvals" not in bases or "antisym_eigvals" not in bases:
+        return None, None
+    return np.asarray(bases["sym_eigvals"], dtype=np.float64), np.asarray(bases["antisym_eigvals"], dtype=np.float64)
 
 
 def read_series(run) -> Tuple[Optional[dict], str]:
@@ -337,7 +348,31 @@ def _spectra_section(ctx: _Ctx, r: RunData, ri: int, band: float) -> str:
         extras = f" — logits also depend on {', '.join(l.extras)}" if l.extras else ""
         caption = f"L{l.index} <code>{H.esc(l.name)}</code>{H.esc(extras)}"
         parts.append(H.figure(src, f"spectrum of layer {l.index}", caption))
+        parts.append(_sym_figure(ctx, r, ri, l))
+    parts.append(_sym_data(r, ri))
     return "\n".join(parts)
+
+
+def _sym_figure(ctx: _Ctx, r: RunData, ri: int, l: LayerData) -> str:
+    """The layer's symmetric / antisymmetric panel beside its spectrum ('' for files without them)."""
+    sym, anti = l.sym_eigvals, l.antisym_eigvals
+    if sym is None or anti is None:
+        return ""
+    frac = float(np.mean(symmetric_energy_fraction(sym, anti)))
+    fig = plot.sym_antisym_panel(sym, anti, title=f"L{l.index}  {l.name}: symmetric and antisymmetric parts")
+    src = ctx.save(fig, f"run{ri}_symparts_L{l.index:02d}.png")
+    caption = (f"L{l.index}: eigenvalues of (M+Mᵀ)/2 (top) and magnitudes of the ±iω pairs of (M−Mᵀ)/2 "
+               f"(bottom), M = W_qᵀW_k per head — {plot.sym_fraction_reading(frac)} (mean over heads)")
+    return H.figure(src, f"symmetric and antisymmetric parts of layer {l.index}", H.esc(caption))
+
+
+def _sym_data(r: RunData, ri: int) -> str:
+    """JSON block with every layer's per-head symmetric energy fraction (None where not stored)."""
+    rows = []
+    for l in r.layers:
+        sym, anti = l.sym_eigvals, l.antisym_eigvals
+        rows.append(None if sym is None or anti is None else symmetric_energy_fraction(sym, anti).tolist())
+    return H.json_block(f"run{ri}-sym-data", {"symmetric_energy_fraction": rows})
 
 
 def _optimal_section(ctx: _Ctx, r: RunData, ri: int, choices: List[Choice], n_modes: int, topk: int,
