@@ -36,8 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .base import (ATTN_MASK, QK_NORM, REL_POS_BIAS, ROPE, AttentionAdapter, QKWeights, builtin_adapter,
-                   first_norm_before, is_norm, no_grad_hook, split_heads)
+from .base import (ATTENTION, ATTN_MASK, QK_NORM, REL_POS_BIAS, ROPE, AttentionAdapter, AttentionTerms, QKWeights,
+                   add_masks, builtin_adapter, first_norm_before, is_norm, no_grad_hook, split_heads)
 
 _QK_NAMES = (("q_proj", "k_proj"), ("query", "key"))
 _QK_NORM_NAMES = (("q_norm", "k_norm"), ("query_norm", "key_norm"))
@@ -160,6 +160,7 @@ class HFAttentionAdapter(AttentionAdapter):
         q_lin, k_lin, H, Hkv, R = _layout(module)
         groups = H // Hkv
         bias_in_mask = self._rel_bias_via_mask(module)
+        static = self.weights(module).extras
         state: Dict[str, Any] = {}
         try:
             sig = inspect.signature(module.forward)
@@ -211,7 +212,11 @@ class HFAttentionAdapter(AttentionAdapter):
                 info["extras"] = extras
             q, k = _to_heads(state.pop("q"), H), _to_heads(state.pop("k"), Hkv)
             state.clear()
-            emit(q, k.repeat_interleave(groups, dim=1) if groups > 1 else k, info)
+            k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+            terms = _hf_terms(out, q, k, info, exact_qk=not (static & {QK_NORM, ROPE}))
+            if terms is not None:
+                info[ATTENTION] = terms
+            emit(q, k, info)
 
         handles = [module.register_forward_pre_hook(no_grad_hook(on_enter), with_kwargs=True),
                    q_lin.register_forward_hook(no_grad_hook(on_q)),
@@ -246,3 +251,25 @@ class HFAttentionAdapter(AttentionAdapter):
                 return None  # a layer with norms, none before the attention: post-norm
             child = p
         return None
+
+
+def _hf_terms(out, q: torch.Tensor, k: torch.Tensor, info: Dict[str, Any], exact_qk: bool) -> Optional[AttentionTerms]:
+    """The module's attention: its own probabilities where it returns them (``output[1]`` under
+    eager attention), else — with neither qk-norm nor rope — the emitted q, k with the bias and
+    mask the module received. None otherwise (the share then uses q, k before qk-norm / rope)."""
+    probs = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if isinstance(probs, torch.Tensor) and tuple(probs.shape) == shape:
+        return AttentionTerms(probs=probs)
+    if not exact_qk:
+        return None
+    mask, window_mask = info.get("rel_pos_bias"), None
+    attn_mask = info.get("attn_mask")
+    if isinstance(attn_mask, torch.Tensor):
+        if attn_mask.dim() == 3 and attn_mask.shape[0] != q.shape[0]:
+            window_mask = attn_mask  # Swin's shift mask (nW, N, N), windows batch-major
+        elif mask is None:
+            mask = attn_mask
+        else:
+            mask = add_masks(mask, attn_mask)
+    return AttentionTerms(q=q, k=k, mask=mask, window_mask=window_mask, is_causal=bool(info.get("is_causal")))

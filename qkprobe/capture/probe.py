@@ -30,6 +30,7 @@ from ..core.stats import ATTENTION_STATS, DEFAULT_STATS, STAT_INDEX, STAT_NAMES,
 from ..core import native
 from ..core.streaming import Aggregates, TopKSamples
 from ..distributed import finish_shards, rank_and_world, shard_path
+from .attention import ShareInputs, attention_terms, share_inputs
 from .coordinates import per_head_matmul, capture_qk
 
 Tensor = torch.Tensor
@@ -347,12 +348,13 @@ class Probe:
             q, k = q.float(), k.float()
             a, b = l.coordinates(q, k)
             S = l.float_maps(q.device)[2]
-            bias = info.get("rel_pos_bias")
+            # the share uses the module's actual attention (after qk-norm / rope, its mask and bias)
+            share = share_inputs(attention_terms(info, q, k), l.bases.scale) if self._attention else ShareInputs()
             # straight into the group's buffer (no copy at the end of the forward) where possible
             direct = l.heads is None and not l.pending
             st = mode_statistics(a, b, S, l.bases.scale, prefix_tokens=l.bases.prefix_tokens or 0,
                                  include_prefix=self.options.include_prefix, topk=self.options.topk,
-                                 q=q, k=k, attn_bias=None if bias is None else bias.float(),
+                                 probs=share.probs, q=share.q, k=share.k, attn_bias=share.attn_bias,
                                  attention=self._attention,
                                  out=l.group.slot(l.slot, a.shape[0], a.device) if direct else None)
             if l.heads is not None:
