@@ -433,6 +433,7 @@ _ID_BATCH = 1 << 16
 
 def _add_virtual_stats(path: str, shards: List[_Shard], relative: List[str], offsets: List[int]) -> None:
     """Per layer, ``stats`` as a virtual dataset over the committed rows of every shard."""
+    from .sinks.hdf5_writer import label_layer
     total = sum(s.rows for s in shards)
     with h5py.File(path, "r+", libver=schema.LIBVER) as f:
         groups = [f[schema.LAYERS][key] for key in sorted(f[schema.LAYERS], key=int)]
@@ -445,12 +446,8 @@ def _add_virtual_stats(path: str, shards: List[_Shard], relative: List[str], off
                     source = h5py.VirtualSource(name, group.name + "/" + schema.STATS,
                                                 shape=(shard.rows, *row_shape), dtype=dtype)
                     layout[offset:offset + shard.rows] = source
-            stats = group.create_virtual_dataset(schema.STATS, layout, fillvalue=np.nan)
-            for axis, label in enumerate(schema.STATS_DIMS):
-                stats.dims[axis].label = label
-            stats.dims[1].attach_scale(group[schema.HEAD_INDEX])
-            stats.dims[2].attach_scale(group[schema.MODE_INDEX])
-            stats.dims[3].attach_scale(f[schema.STAT_NAMES])
+            group.create_virtual_dataset(schema.STATS, layout, fillvalue=np.nan)
+            label_layer(group, shards[0].stat_names, schema.decode_attrs(group).get("heads"), rows=total)
         f.attrs["per_sample"] = True
 
 

@@ -162,6 +162,9 @@ def truncate_rows(f: h5py.File, rows: int, skipped: int, series: int = 0) -> Non
             layer[schema.STATS].resize(rows, axis=0)
         for dataset in layer.get(schema.SERIES, {}).values():
             dataset.resize(series, axis=0)
+        for dim, length in ((schema.DIM_SAMPLE, rows), (schema.DIM_POINT, series)):
+            if dim in layer:  # the growing coordinate scales
+                layer[dim].resize((length,))
     if schema.SERIES_STEP in f:
         f[schema.SERIES_STEP].resize((series,))
 
