@@ -137,6 +137,7 @@ class _Shard:
     per_sample: bool
     store_dtype: str
     unclosed: bool
+    labels: Optional[List[str]] = None   # one class label per row ("" = none), None in older files
 
 
 # Metadata that must agree between shards of one run (when present in any of them).
@@ -267,6 +268,7 @@ def _read_committed_state(f: h5py.File, path: str, meta: dict, stat_names, layer
     else:
         raise RunFileError(f"Shard {path} kept changing while it was read; merge again.")
     ids = _column(f, schema.SAMPLE_ID, rows)
+    labels = _column(f, schema.SAMPLE_LABEL, rows) if schema.SAMPLE_LABEL in f else None
     steps_ds = f[schema.SAMPLE_STEP]
     steps_ds.refresh()
     steps = steps_ds[:rows]
@@ -294,7 +296,7 @@ def _read_committed_state(f: h5py.File, path: str, meta: dict, stat_names, layer
         if shape is not None and shape[0] < rows:
             raise RunFileError(f"Shard {path} has fewer stats rows ({shape[0]}) than it committed ({rows}); "
                                f"it is damaged.")
-    return _Shard(path=path, rows=rows, skipped=skipped_list, ids=ids, steps=steps, snapshots=snapshots,
+    return _Shard(path=path, rows=rows, skipped=skipped_list, ids=ids, steps=steps, snapshots=snapshots, labels=labels,
                   stats_shape=stats_shape, series_steps=series_steps, series=series, meta=meta,
                   layers=layers, stat_names=stat_names,
                   per_sample=per_sample, store_dtype=schema.to_python(f.attrs.get("store_dtype", "float32")),
@@ -401,6 +403,7 @@ def _write_merged(shards: List[_Shard], out: str, missing: List[Tuple[str, str]]
         log.warning("The shards of %s share %d sample ids; pass distinct ids per rank (probe.set_ids).",
                     out, len(ids) - len(set(ids)))
     steps = np.concatenate([s.steps for s in shards]) if ids else np.zeros(0, np.int64)
+    labels = [v for s in shards for v in (s.labels or [""] * s.rows)]
     skipped = [entry for s in shards for entry in s.skipped]
     compression = schema.to_python(first.meta.get("compression", "none"))
 
@@ -414,7 +417,8 @@ def _write_merged(shards: List[_Shard], out: str, missing: List[Tuple[str, str]]
                            chunk_rows=int(first.meta.get("chunk_rows", 64)), id_is_unique=False)
         with writer:
             for start in range(0, len(ids), _ID_BATCH):
-                writer.write(ids[start:start + _ID_BATCH], None, steps=steps[start:start + _ID_BATCH])
+                writer.write(ids[start:start + _ID_BATCH], None, steps=steps[start:start + _ID_BATCH],
+                             labels=labels[start:start + _ID_BATCH])
             writer.write([], None, snapshot=snapshots, skipped=skipped, series=series)
         if first.per_sample:
             _add_virtual_stats(tmp, shards, relative, offsets)

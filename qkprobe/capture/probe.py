@@ -179,6 +179,7 @@ class Probe:
         self._forwards = 0
         self._recording = False
         self._ids: Optional[List[str]] = None
+        self._labels: Optional[List[str]] = None
         self._step = -1
         self.samples = 0
         self._n_prefix = n_prefix
@@ -271,9 +272,11 @@ class Probe:
             g.agg.load_state_dict(stacked("agg_"))
 
     # ------------------------------------------------------------------ user API
-    def set_ids(self, ids: Sequence) -> None:
-        """Sample ids for the next recorded forward (one per batch element)."""
+    def set_ids(self, ids: Sequence, labels: Optional[Sequence] = None) -> None:
+        """Sample ids for the next recorded forward (one per batch element), and optionally their
+        class labels (stored aligned with the ids; ``open_run(...).labels``)."""
         self._ids = [str(i) for i in ids]
+        self._labels = None if labels is None else ["" if v is None else str(v) for v in labels]
 
     def step(self, global_step: int) -> None:
         """The training step stored with the rows of the following forwards."""
@@ -376,9 +379,12 @@ class Probe:
             B = self._batch  # windowed attention sees B · windows rows
         prefix = f"rank{self.rank}:" if self.world > 1 else ""  # default ids stay unique across shards
         ids = self._ids if self._ids is not None else [f"{prefix}{self.samples + j}" for j in range(B)]
+        labels, self._labels = self._labels, None
         self._ids = None
         if len(ids) != B:
             raise ValueError(f"set_ids gave {len(ids)} ids for a batch of {B} samples")
+        if labels is not None and len(labels) != B:
+            raise ValueError(f"set_ids gave {len(labels)} labels for a batch of {B} samples")
         rows: List[Any] = [None] * len(self.layers)
         snaps: List[Any] = [None] * len(self.layers)
         for g in self.groups:
@@ -416,7 +422,7 @@ class Probe:
         self.samples += B
         if self.writer is not None:
             self.writer.write(ids, rows if self.options.per_sample else None, steps=[self._step] * B,
-                              snapshot=snaps, series=self._take_series())
+                              snapshot=snaps, series=self._take_series(), labels=labels)
 
     # ------------------------------------------------------------------ training
     def refresh(self, step: Optional[int] = None) -> None:

@@ -85,6 +85,7 @@ class _Batch:
     snapshot: list                # per layer {name: array}
     skipped: list                 # [(id, reason)]
     series: list                  # [(step, per layer {name: array})]
+    labels: Optional[list] = None  # B class labels ("" = none), or None
 
 
 class RunWriter:
@@ -160,7 +161,7 @@ class RunWriter:
 
     def write(self, ids: Sequence[str], rows: Optional[Sequence[np.ndarray]] = None, steps=None,
               snapshot: Optional[Sequence[Optional[dict]]] = None, skipped: Sequence[tuple] = (),
-              series: Sequence[tuple] = ()) -> int:
+              series: Sequence[tuple] = (), labels: Optional[Sequence[str]] = None) -> int:
         """Queue one batch; block while the queue is full.
 
         Args:
@@ -171,6 +172,8 @@ class RunWriter:
                 change). The arrays must describe the state *after* this batch.
             skipped: (id, reason) of inputs that could not be read.
             series: time-series points ``(step, [per layer {declared name: array}])``.
+            labels: B class labels, stored aligned with the ids ("" for a sample without one);
+                None: no labels for this batch.
 
         Returns:
             The ticket of the batch (batch number in this session, from 0).
@@ -181,6 +184,7 @@ class RunWriter:
         self._raise_if_failed()
         self._raise_if_closed()
         batch = self._prepare(ids, rows, steps, snapshot, skipped, series)
+        batch.labels = self._prepare_labels(labels, len(batch.ids))
         self._put(("batch", batch))
         ticket = self._tickets
         self._tickets += 1
@@ -381,6 +385,8 @@ class RunWriter:
         self._generation = int(state[schema.GENERATION])
         self._steps = f[schema.SAMPLE_STEP]
         self._ids = _StringColumn(f[schema.SAMPLE_ID], self._rows)
+        # one label per row ("" = none); files from before labels have no column
+        self._labels = _StringColumn(f[schema.SAMPLE_LABEL], self._rows) if schema.SAMPLE_LABEL in f else None
         self._skipped_ids = _StringColumn(f[schema.SKIPPED_ID], int(state[schema.SKIPPED]))
         self._skipped_reasons = _StringColumn(f[schema.SKIPPED_REASON], int(state[schema.SKIPPED]))
         groups = [f[schema.layer_path(i, len(self.layers))] for i in range(len(self.layers))]
@@ -443,6 +449,17 @@ class RunWriter:
                                  f"(batch, heads, modes, statistics).")
             out.append(array)
         return out
+
+    def _prepare_labels(self, labels, batch: int) -> Optional[list]:
+        if labels is None:
+            return None
+        labels = ["" if label is None else str(label) for label in labels]
+        if len(labels) != batch:
+            raise ShapeError(f"write() got {len(labels)} labels for {batch} ids; pass one label per id.")
+        if self._labels is None and any(labels):
+            raise RunFileError(f"{self.path} was created by a qkprobe without class labels; write the labelled "
+                               f"run to a new file.")
+        return labels
 
     @staticmethod
     def _prepare_steps(steps, batch: int) -> np.ndarray:
@@ -588,6 +605,8 @@ class RunWriter:
             self._steps[start:stop] = batch.steps
             _grow_scales(self._growing[schema.DIM_SAMPLE], start, stop)
             self._ids.append(batch.ids)
+            if self._labels is not None:
+                self._labels.append(batch.labels or [""] * len(batch.ids))
             self._rows = stop
         for latest, update in zip(self._snapshot_values, batch.snapshot):
             if update:

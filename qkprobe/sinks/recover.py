@@ -153,6 +153,8 @@ def truncate_rows(f: h5py.File, rows: int, skipped: int, series: int = 0) -> Non
     """Drop everything past ``rows`` samples, ``skipped`` skipped entries and ``series``
     time-series points (file open r+)."""
     _truncate_column(f[schema.SAMPLE_ID], rows)
+    if schema.SAMPLE_LABEL in f:  # files from before labels have none
+        _truncate_column(f[schema.SAMPLE_LABEL], rows)
     f[schema.SAMPLE_STEP].resize((rows,))
     _truncate_column(f[schema.SKIPPED_ID], skipped)
     _truncate_column(f[schema.SKIPPED_REASON], skipped)

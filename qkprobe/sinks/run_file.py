@@ -105,6 +105,19 @@ class RunFile:
         return list(self._ids)
 
     @property
+    def labels(self) -> Optional[list[str]]:
+        """Class labels of the committed rows, in row order ("" for a row without one); None when
+        the file stores none (no row labelled, or a file from before labels)."""
+        if schema.SAMPLE_LABEL not in self._file:
+            return None
+        cached = getattr(self, "_label_cache", [])
+        if len(cached) < self._rows:
+            cached = cached + self._read_column(schema.SAMPLE_LABEL, len(cached), self._rows)
+            self._label_cache = cached
+        labels = cached[:self._rows]
+        return labels if any(labels) else None
+
+    @property
     def steps(self) -> np.ndarray:
         """(rows,) int64 training step of each row (-1 when none)."""
         return self._read_rows(self._file[schema.SAMPLE_STEP], (slice(None),))
@@ -245,6 +258,9 @@ class RunFile:
                 coords[dim] = np.arange(self._rows)
                 coords["id"] = (dim, np.asarray(self.ids, dtype=object))
                 coords["step"] = (dim, self.steps)
+                labels = self.labels
+                if labels is not None:
+                    coords["label"] = (dim, np.asarray(labels, dtype=object))
             elif dim == schema.DIM_POINT:
                 coords[dim] = np.arange(len(self.series_steps))
                 coords["series_step"] = (dim, self.series_steps)

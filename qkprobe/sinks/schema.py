@@ -31,6 +31,7 @@ ROWS, SKIPPED, GENERATION, SERIES_POINTS = range(4)
 
 SAMPLE_ID = "samples/id"          # string column, one id per row
 SAMPLE_STEP = "samples/step"      # (rows,) int64, -1 when there is no training step
+SAMPLE_LABEL = "samples/label"    # string column, the class label of each row ("" = none)
 SKIPPED_ID = "skipped/id"         # string column, inputs that could not be read
 SKIPPED_REASON = "skipped/reason"  # string column, why (same length as skipped/id)
 STRING_BYTES = "utf8"
@@ -56,7 +57,7 @@ RESERVED_ROOT_ATTRS = frozenset({
 })
 RESERVED_LAYER_ATTRS = frozenset({"name", "num_heads", "num_modes", JSON_KEYS})
 
-STRING_COLUMNS = (SAMPLE_ID, SKIPPED_ID, SKIPPED_REASON)
+STRING_COLUMNS = (SAMPLE_ID, SKIPPED_ID, SKIPPED_REASON, SAMPLE_LABEL)
 
 
 def layer_path(index: int, num_layers: int) -> str:
