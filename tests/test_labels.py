@@ -162,3 +162,28 @@ def test_report_shows_labels_and_top_classes(image_folder, tmp_path):
         from qkprobe.report.browser import check_page
         check = check_page(index)
         assert check.console_errors == [] and all(i["naturalWidth"] > 0 for i in check.images)
+
+
+def test_merged_shards_keep_labels_aligned(tmp_path):
+    import sys
+
+    import torch
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+    from dist_common import BATCHES, make_inputs, make_model
+    from qkprobe.distributed import merge_shards
+    model, x = make_model(), make_inputs()
+    for rank in range(2):
+        with qkprobe.attach(model, str(tmp_path / f"run.rank{rank}.h5"), top_samples=4) as probe, torch.no_grad():
+            for batch in BATCHES[rank]:
+                # rank 1 stores no labels: its rows get "" in the merged file
+                probe.set_ids([f"s{i}" for i in batch], labels=[f"c{i % 3}" for i in batch] if rank == 0 else None)
+                model(x[batch])
+    merge_shards([str(tmp_path / f"run.rank{r}.h5") for r in range(2)], str(tmp_path / "run.h5"))
+    with qkprobe.open_run(str(tmp_path / "run.h5")) as run:
+        rank0 = {f"s{i}" for b in BATCHES[0] for i in b}
+        assert run.labels == [f"c{int(i[1:]) % 3}" if i in rank0 else "" for i in run.ids]
+        ds = run.to_xarray(1)
+        assert ds["stats"].dims == ("sample", "head", "mode", "statistic") and ds.sizes["sample"] == len(run)
+    import xarray as xr
+    with xr.open_dataset(tmp_path / "run.h5", engine="h5netcdf", group="layers/01", phony_dims="access") as ds:
+        assert ds["stats"].dims == ("sample", "head", "mode", "statistic") and ds.sizes["sample"] == 15
