@@ -171,3 +171,33 @@ def test_custom_adapter_info_keys_still_work():
     P = real_probs(attention_terms({"rel_pos_bias": bias, "attn_mask": keep}, q, k), 0.5)
     ref = (0.5 * q @ k.transpose(-2, -1) + bias).masked_fill(~keep, float("-inf")).softmax(-1)
     close(P, ref, rel=1e-6)
+
+
+VIT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+           image_size=32, patch_size=8, initializer_range=0.04)
+
+
+def hf_run(model, tmp_path, impl, **inputs):
+    """The eager reference P (``output_attentions``), then the stored share under ``impl``."""
+    with torch.no_grad():
+        ref = model(**inputs, output_attentions=True).attentions
+    model.set_attn_implementation(impl)
+    coords = qkprobe.mode_coordinates(model, dtype=torch.float64, **inputs)
+    contrib, shares = stored(model, tmp_path, **inputs)
+    return list(check(coords, ref, contrib, shares))
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hf_dinov3_rope(tmp_path, impl):
+    """sdpa returns no P: the module's apply_rotary_pos_emb rotates q, k (prefix tokens untouched)."""
+    model = build_hf(T.DINOv3ViTConfig, T.DINOv3ViTModel, num_register_tokens=4, **VIT)
+    for got, bil in hf_run(model, tmp_path, impl, pixel_values=images(32)):
+        far(got, bil)
+
+
+def test_hf_llama_gqa_causal_rope_sdpa(tmp_path):
+    model = build_hf(T.LlamaConfig, T.LlamaModel, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=128, vocab_size=100)
+    ids = torch.randint(1, 100, (2, 10), generator=torch.Generator().manual_seed(2))
+    for got, bil in hf_run(model, tmp_path, "sdpa", input_ids=ids):
+        far(got, bil)

@@ -161,6 +161,8 @@ class HFAttentionAdapter(AttentionAdapter):
         groups = H // Hkv
         bias_in_mask = self._rel_bias_via_mask(module)
         static = self.weights(module).extras
+        # rope as the module applies it: its own module's apply_rotary_pos_emb(q, k, cos, sin)
+        rotary = getattr(inspect.getmodule(type(module)), "apply_rotary_pos_emb", None) if ROPE in static else None
         state: Dict[str, Any] = {}
         try:
             sig = inspect.signature(module.forward)
@@ -213,7 +215,9 @@ class HFAttentionAdapter(AttentionAdapter):
             q, k = _to_heads(state.pop("q"), H), _to_heads(state.pop("k"), Hkv)
             state.clear()
             k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-            terms = _hf_terms(out, q, k, info, exact_qk=not (static & {QK_NORM, ROPE}))
+            terms = _hf_terms(out, q, k, info, exact_qk=QK_NORM not in static and (ROPE not in static or bool(rotary)),
+                              rotary=_hf_rotary(rotary, info.get("rope")) if rotary else None,
+                              causal=getattr(mod, "is_causal", False) is True)
             if terms is not None:
                 info[ATTENTION] = terms
             emit(q, k, info)
@@ -253,15 +257,30 @@ class HFAttentionAdapter(AttentionAdapter):
         return None
 
 
-def _hf_terms(out, q: torch.Tensor, k: torch.Tensor, info: Dict[str, Any], exact_qk: bool) -> Optional[AttentionTerms]:
+def _hf_rotary(apply, rope) -> Optional[Any]:
+    """x (B, H, N, R) → x with the module's rope, from its ``apply_rotary_pos_emb`` and the
+    ``position_embeddings`` (cos, sin) of the call; None without them."""
+    if not (isinstance(rope, (tuple, list)) and len(rope) == 2):
+        return None
+    cos, sin = rope
+
+    def rotary(x: torch.Tensor) -> torch.Tensor:
+        return apply(x, x, cos.to(x.dtype), sin.to(x.dtype))[0]
+    return rotary
+
+
+def _hf_terms(out, q: torch.Tensor, k: torch.Tensor, info: Dict[str, Any], exact_qk: bool,
+              rotary=None, causal: bool = False) -> Optional[AttentionTerms]:
     """The module's attention: its own probabilities where it returns them (``output[1]`` under
-    eager attention), else — with neither qk-norm nor rope — the emitted q, k with the bias and
-    mask the module received. None otherwise (the share then uses q, k before qk-norm / rope)."""
+    eager attention), else — without qk-norm, rope applied by the module's own
+    ``apply_rotary_pos_emb`` — the emitted q, k with the bias and mask the module received. None
+    otherwise (the share then uses q, k before qk-norm / rope). ``causal``: the module's
+    ``is_causal``, which attention functions apply when they get no mask (sdpa)."""
     probs = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
     shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if isinstance(probs, torch.Tensor) and tuple(probs.shape) == shape:
         return AttentionTerms(probs=probs)
-    if not exact_qk:
+    if not exact_qk or (info.get("rope") is not None and rotary is None):
         return None
     mask, window_mask = info.get("rel_pos_bias"), None
     attn_mask = info.get("attn_mask")
@@ -272,4 +291,5 @@ def _hf_terms(out, q: torch.Tensor, k: torch.Tensor, info: Dict[str, Any], exact
             mask = attn_mask
         else:
             mask = add_masks(mask, attn_mask)
-    return AttentionTerms(q=q, k=k, mask=mask, window_mask=window_mask, is_causal=bool(info.get("is_causal")))
+    is_causal = bool(info.get("is_causal")) or (causal and attn_mask is None and q.shape[2] > 1)
+    return AttentionTerms(q=q, k=k, mask=mask, window_mask=window_mask, is_causal=is_causal, rotary=rotary)
