@@ -819,7 +819,7 @@ def _grow_scales(scales: list, start: int, stop: int) -> None:
     values = np.arange(start, stop, dtype=np.int64)
     for ds in scales:
         ds.resize((stop,))
-        ds[start:stop] = values
+        _write_rows(ds, start, values)  # low-level write: no Python selection handling per layer
 
 
 def _compression_options(name: Optional[str]) -> dict:
