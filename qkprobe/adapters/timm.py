@@ -109,7 +109,7 @@ class TimmAttentionAdapter(AttentionAdapter):
         call = _call_binder(module)
 
         def on_module(mod, args, kwargs):
-            bound = call(args, kwargs)
+            bound = kwargs if len(args) <= 1 else call(args, kwargs)  # blocks pass x alone positionally
             info = {}
             rope = bound.get("rope")
             if rope is not None:
