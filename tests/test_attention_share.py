@@ -85,8 +85,10 @@ def run_timm(model, size, tmp_path, fold=1):
     return list(check(coords, probs[:len(coords)], contrib, shares, fold))
 
 
-def test_eva02_rope(tmp_path):
-    model = timm_model("eva02_tiny_patch14_224", depth=2, img_size=56)
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224",  # EvaAttention
+                                  "vit_small_patch16_rope_224"])  # AttentionRope
+def test_timm_rope(tmp_path, name):
+    model = timm_model(name, depth=2, img_size=56)
     for got, bil in run_timm(model, 56, tmp_path):
         far(got, bil)
 

@@ -187,3 +187,21 @@ def test_merged_shards_keep_labels_aligned(tmp_path):
     import xarray as xr
     with xr.open_dataset(tmp_path / "run.h5", engine="h5netcdf", group="layers/01", phony_dims="access") as ds:
         assert ds["stats"].dims == ("sample", "head", "mode", "statistic") and ds.sizes["sample"] == 15
+
+
+def test_file_from_before_labels_reads_and_resumes(image_folder, tmp_path, caplog):
+    out = tmp_path / "old.h5"
+    paths = list_images(images_dir=str(image_folder))
+    listing = tmp_path / "first.txt"
+    listing.write_text("".join(f"{p}\n" for p in paths[:4]), encoding="utf-8")
+    assert main(["run", SPEC, "--random-init", "--list", str(listing), "--out", str(out), "--no-progress"]) == 0
+    with h5py.File(out, "r+", libver=schema.LIBVER) as f:   # as written by a qkprobe without labels
+        del f[schema.SAMPLE_LABEL]
+    with qkprobe.open_run(str(out)) as run:
+        assert len(run) == 4 and run.labels is None
+    with caplog.at_level("WARNING"):
+        assert main(["run", SPEC, "--random-init", "--images", str(image_folder), "--out", str(out), "--resume",
+                     "--no-progress"]) == 0
+    assert "without class labels" in caplog.text
+    with qkprobe.open_run(str(out)) as run:
+        assert sorted(run.ids) == sorted(paths) and run.labels is None

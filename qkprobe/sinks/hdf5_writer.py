@@ -457,8 +457,11 @@ class RunWriter:
         if len(labels) != batch:
             raise ShapeError(f"write() got {len(labels)} labels for {batch} ids; pass one label per id.")
         if self._labels is None and any(labels):
-            raise RunFileError(f"{self.path} was created by a qkprobe without class labels; write the labelled "
-                               f"run to a new file.")
+            if not getattr(self, "_warned_labels", False):
+                self._warned_labels = True
+                log.warning("%s was created by a qkprobe without class labels; its new rows are stored "
+                            "without them (write to a new file to keep labels).", self.path)
+            return None
         return labels
 
     @staticmethod
