@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 import torch
-
 import torch.nn as nn
 
 from .base import (ATTENTION, ATTN_MASK, AttentionAdapter, AttentionTerms, QKWeights, builtin_adapter, no_grad_hook,
