@@ -7,7 +7,7 @@ A corrupt or unreadable image never stops a run: :class:`ImageDataset` returns a
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import QKProbeError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageDataset", "list_images", "skimage_images", "make_loader",
-           "collate"]
+           "collate", "LabelledImageDataset", "folder_labels", "list_file_labels", "labels_file", "labels_for"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -42,7 +42,7 @@ def list_images(images_dir: Optional[str] = None, list_file: Optional[str] = Non
                                f"image path a line.")
         base = os.path.dirname(os.path.abspath(list_file))
         with open(list_file, encoding="utf-8") as fh:
-            lines = [ln.strip() for ln in fh]
+            lines = [ln.split("\t", 1)[0].strip() for ln in fh]  # "path<TAB>label" lines: the path
         paths = [ln if os.path.isabs(os.path.expanduser(ln)) else os.path.join(base, ln)
                  for ln in lines if ln and not ln.startswith("#")]
         paths = [os.path.expanduser(p) for p in paths]
@@ -160,15 +160,87 @@ def to_rgb(im):
 
 
 def collate(batch: Sequence[Tuple[torch.Tensor, str, bool, str]]):
-    """Stack a batch into ``(images (B,3,H,W), paths, ok (B,) bool tensor, reasons)``."""
-    images, paths, ok, reasons = zip(*batch)
-    return torch.stack(images), list(paths), torch.tensor(ok, dtype=torch.bool), list(reasons)
+    """Stack a batch into ``(images (B,3,H,W), paths, ok (B,) bool tensor, reasons)``, plus
+    ``labels`` (a list) when the dataset gives them."""
+    images, paths, ok, reasons, *labels = zip(*batch)
+    out = (torch.stack(images), list(paths), torch.tensor(ok, dtype=torch.bool), list(reasons))
+    return out + (list(labels[0]),) if labels else out
 
 
-def make_loader(paths: Sequence[str], transform, batch_size: int = 32, workers: int = 0) -> DataLoader:
-    """A DataLoader over :class:`ImageDataset` in path order, yielding ``(images, paths, ok, reasons)``."""
-    return DataLoader(ImageDataset(paths, transform), batch_size=max(1, int(batch_size)), shuffle=False,
+def make_loader(paths: Sequence[str], transform, batch_size: int = 32, workers: int = 0,
+                labels: Optional[Sequence[str]] = None) -> DataLoader:
+    """A DataLoader over :class:`ImageDataset` in path order, yielding ``(images, paths, ok, reasons)``,
+    or ``(images, paths, ok, reasons, labels)`` when ``labels`` (one class label per path) are given."""
+    dataset = ImageDataset(paths, transform) if labels is None else LabelledImageDataset(paths, labels, transform)
+    return DataLoader(dataset, batch_size=max(1, int(batch_size)), shuffle=False,
                       num_workers=max(0, int(workers)), collate_fn=collate, drop_last=False)
+
+
+# ----------------------------------------------------------------------------- class labels
+
+class LabelledImageDataset(ImageDataset):
+    """:class:`ImageDataset` whose items end with the image's class label: ``(tensor, path, ok, reason, label)``."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[str], transform=None):
+        super().__init__(paths, transform)
+        if len(labels) != len(self.paths):
+            raise QKProbeError(f"Got {len(labels)} labels for {len(self.paths)} images; give one label per image.")
+        self.labels = ["" if v is None else str(v) for v in labels]
+
+    def __getitem__(self, i: int):
+        return (*super().__getitem__(i), self.labels[i])
+
+
+def folder_labels(paths: Sequence[str], images_dir: str) -> Optional[List[str]]:
+    """Class labels of the ImageFolder layout (``images_dir/<class>/.../image``): the name of each
+    image's top-level sub-folder. None when any image lies directly in ``images_dir``."""
+    root = os.path.expanduser(str(images_dir))
+    labels = []
+    for p in paths:
+        parts = os.path.relpath(p, root).split(os.sep)
+        if len(parts) < 2 or parts[0] in (os.curdir, os.pardir):
+            return None
+        labels.append(parts[0])
+    return labels
+
+
+def list_file_labels(list_file: str) -> Optional[List[str]]:
+    """The labels of a list file of ``path<TAB>label`` lines, aligned with ``list_images(list_file=...)``
+    ("" for a line without a label); None when no line has one."""
+    with open(os.path.expanduser(str(list_file)), encoding="utf-8") as fh:
+        lines = [ln.rstrip("\r\n") for ln in fh]
+    labels = [ln.split("\t", 1)[1].strip() if "\t" in ln else "" for ln in lines
+              if ln.split("\t", 1)[0].strip() and not ln.strip().startswith("#")]
+    return labels if any(labels) else None
+
+
+def labels_file(path: str) -> Dict[str, str]:
+    """``path<TAB>label`` lines (blank and ``#`` lines skipped, relative paths from the file's folder)
+    as {absolute normalized path: label}."""
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise QKProbeError(f"The labels file {path} does not exist; pass a text file of path<TAB>label lines.")
+    base = os.path.dirname(os.path.abspath(path))
+    out: Dict[str, str] = {}
+    with open(path, encoding="utf-8") as fh:
+        for number, ln in enumerate(fh, 1):
+            ln = ln.rstrip("\r\n")
+            if not ln.strip() or ln.strip().startswith("#"):
+                continue
+            if "\t" not in ln:
+                raise QKProbeError(f"Line {number} of the labels file {path} has no tab; write path<TAB>label.")
+            image, label = (t.strip() for t in ln.split("\t", 1))
+            out[_norm(os.path.join(base, os.path.expanduser(image)))] = label
+    return out
+
+
+def labels_for(paths: Sequence[str], table: Dict[str, str]) -> List[str]:
+    """The label of each path in a :func:`labels_file` table ("" where it has none)."""
+    return [table.get(_norm(p), "") for p in paths]
+
+
+def _norm(path: str) -> str:
+    return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
 
 
 def _skimage_array(name: str):

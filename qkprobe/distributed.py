@@ -137,6 +137,7 @@ class _Shard:
     per_sample: bool
     store_dtype: str
     unclosed: bool
+    labels: Optional[List[str]] = None   # one class label per row ("" = none), None in older files
 
 
 # Metadata that must agree between shards of one run (when present in any of them).
@@ -270,6 +271,7 @@ def _read_committed_state(f: h5py.File, path: str, meta: dict, stat_names, layer
     else:
         raise RunFileError(f"Shard {path} kept changing while it was read; merge again.")
     ids = _column(f, schema.SAMPLE_ID, rows)
+    labels = _column(f, schema.SAMPLE_LABEL, rows) if schema.SAMPLE_LABEL in f else None
     steps_ds = f[schema.SAMPLE_STEP]
     steps_ds.refresh()
     steps = steps_ds[:rows]
@@ -297,7 +299,7 @@ def _read_committed_state(f: h5py.File, path: str, meta: dict, stat_names, layer
         if shape is not None and shape[0] < rows:
             raise RunFileError(f"Shard {path} has fewer stats rows ({shape[0]}) than it committed ({rows}); "
                                f"it is damaged.")
-    return _Shard(path=path, rows=rows, skipped=skipped_list, ids=ids, steps=steps, snapshots=snapshots,
+    return _Shard(path=path, rows=rows, skipped=skipped_list, ids=ids, steps=steps, snapshots=snapshots, labels=labels,
                   stats_shape=stats_shape, series_steps=series_steps, series=series, meta=meta,
                   layers=layers, stat_names=stat_names,
                   per_sample=per_sample, store_dtype=schema.to_python(f.attrs.get("store_dtype", "float32")),
@@ -404,6 +406,7 @@ def _write_merged(shards: List[_Shard], out: str, missing: List[Tuple[str, str]]
         log.warning("The shards of %s share %d sample ids; pass distinct ids per rank (probe.set_ids).",
                     out, len(ids) - len(set(ids)))
     steps = np.concatenate([s.steps for s in shards]) if ids else np.zeros(0, np.int64)
+    labels = [v for s in shards for v in (s.labels or [""] * s.rows)]
     skipped = [entry for s in shards for entry in s.skipped]
     compression = schema.to_python(first.meta.get("compression", "none"))
 
@@ -419,7 +422,8 @@ def _write_merged(shards: List[_Shard], out: str, missing: List[Tuple[str, str]]
                            chunk_rows=int(first.meta.get("chunk_rows", 64)), id_is_unique=False)
         with writer:
             for start in range(0, len(ids), _ID_BATCH):
-                writer.write(ids[start:start + _ID_BATCH], None, steps=steps[start:start + _ID_BATCH])
+                writer.write(ids[start:start + _ID_BATCH], None, steps=steps[start:start + _ID_BATCH],
+                             labels=labels[start:start + _ID_BATCH])
             writer.write([], None, snapshot=snapshots, skipped=skipped, series=series)
         if first.per_sample:
             _add_virtual_stats(tmp, shards, relative, offsets)
@@ -438,6 +442,7 @@ _ID_BATCH = 1 << 16
 
 def _add_virtual_stats(path: str, shards: List[_Shard], relative: List[str], offsets: List[int]) -> None:
     """Per layer, ``stats`` as a virtual dataset over the committed rows of every shard."""
+    from .sinks.hdf5_writer import label_layer
     total = sum(s.rows for s in shards)
     with h5py.File(path, "r+", libver=schema.LIBVER) as f:
         groups = [f[schema.LAYERS][key] for key in sorted(f[schema.LAYERS], key=int)]
@@ -450,12 +455,8 @@ def _add_virtual_stats(path: str, shards: List[_Shard], relative: List[str], off
                     source = h5py.VirtualSource(name, group.name + "/" + schema.STATS,
                                                 shape=(shard.rows, *row_shape), dtype=dtype)
                     layout[offset:offset + shard.rows] = source
-            stats = group.create_virtual_dataset(schema.STATS, layout, fillvalue=np.nan)
-            for axis, label in enumerate(schema.STATS_DIMS):
-                stats.dims[axis].label = label
-            stats.dims[1].attach_scale(group[schema.HEAD_INDEX])
-            stats.dims[2].attach_scale(group[schema.MODE_INDEX])
-            stats.dims[3].attach_scale(f[schema.STAT_NAMES])
+            group.create_virtual_dataset(schema.STATS, layout, fillvalue=np.nan)
+            label_layer(group, shards[0].stat_names, schema.decode_attrs(group).get("heads"), rows=total)
         f.attrs["per_sample"] = True
 
 

@@ -371,13 +371,16 @@ def optimal_images_grid(rows: Sequence[Dict], title: str = "", tile: int = 160, 
 
     rows: dicts with ``label`` (e.g. "L1 H5 M0 +"), ``cosine`` and ``items``: dicts with
     ``image`` ((h, w, 3) in [0, 1] or None when the file is missing), ``overlay`` (same, or None
-    when no maps), ``score`` and ``name``. Tiles are resized to ``tile`` pixels. Drawn as one
-    mosaic image (fast for many rows). Returns the figure.
+    when no maps), ``score``, ``name`` and optionally ``class`` (written under the image). Tiles
+    are resized to ``tile`` pixels. Drawn as one mosaic image (fast for many rows). Returns the
+    figure.
     """
     plt = _pyplot()
     k = max([len(r["items"]) for r in rows] + [1])
     label_w, head_h, gap_pair, gap, top = 120, 16, 2, 10, (22 if title else 4)
-    row_h = tile + head_h + 4
+    # a line under each image for its class label, when any item has one
+    foot = 12 if any(it.get("class") for r in rows for it in r["items"]) else 0
+    row_h = tile + head_h + 4 + foot
     width = label_w + k * (2 * tile + gap_pair) + (k - 1) * gap + 4
     height = top + max(len(rows), 1) * row_h
     mosaic = np.ones((height, width, 3))
@@ -397,6 +400,10 @@ def optimal_images_grid(rows: Sequence[Dict], title: str = "", tile: int = 160, 
             name = name if len(name) <= 22 else name[:21] + "…"
             texts.append((x + tile / 2, y - 4, f"score {it['score']:.3g}", 7, "center"))
             texts.append((x + tile + gap_pair + tile / 2, y - 4, name, 6, "center"))
+            if foot and it.get("class"):
+                cls = str(it["class"])
+                texts.append((x + tile / 2, y + tile + foot - 1, cls if len(cls) <= 24 else cls[:23] + "…", 7,
+                              "center"))
     fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.imshow(mosaic, interpolation="nearest")

@@ -9,7 +9,9 @@ the module's class and attributes, never from parameter names in a state dict:
 - ``capture(module, emit)``: hooks that call ``emit(q, k, info)`` on every forward with
   q (B, H, Nq, R) and k (B, H, Nk, R), biases included, before any qk-norm or rotary embedding,
   batch-first whatever the module's layout; ``info`` holds what the forward revealed
-  (``attn_mask``, ``rope``, ``rel_pos_bias`` tensors, and ``extras`` seen at run time);
+  (``attn_mask``, ``rope``, ``rel_pos_bias`` tensors, and ``extras`` seen at run time) and,
+  under ``info["attention"]``, the :class:`AttentionTerms` of the module's actual attention
+  (its own P, or the q, k it multiplies after qk-norm / rope with its mask) for the share;
 - ``input_norm(module, parent)``: the LayerNorm that feeds the module, for ``fold_ln``.
 
 Users add a family with :func:`qkprobe.register_attention`.
@@ -182,3 +184,56 @@ def adapter_for(module: nn.Module) -> Optional[AttentionAdapter]:
 def looks_like_attention(module: nn.Module) -> bool:
     """A module whose class name says attention (used only to report unsupported modules)."""
     return "attention" in type(module).__name__.lower()
+
+
+# ----------------------------------------------------------------------------- attention terms
+
+#: The ``info`` key under which an adapter hands the :class:`AttentionTerms` of a call.
+ATTENTION = "attention"
+
+
+@dataclass
+class AttentionTerms:
+    """What one call's attention probabilities are made of, beside the bilinear q, k of ``emit``.
+
+    The mode coordinates a, b always come from the bilinear q, k; these terms only serve the
+    attention-share statistics, so that they use the probabilities the module really applied.
+    Either ``probs`` (B, H, N, Nk), the module's own softmax output where it materializes it, or:
+
+    - ``q`` (B, H, N, R'), ``k`` (B, H, Nk, R'): the q and k the module multiplies (after qk-norm;
+      ``rotary``, when set, is applied to both on demand by :meth:`attended_qk`, so rope costs
+      nothing unless the attention statistics are recorded);
+    - ``mask``: what the module adds to scale·q·kᵀ, an additive float tensor or a boolean
+      keep-mask (True = may attend) broadcastable to (B, H, N, Nk), as in
+      ``F.scaled_dot_product_attention`` (rel-pos bias and padding mask summed);
+    - ``window_mask``: (nW, N, Nk) added per window where B counts windows ordered batch-major
+      (Swin's shift mask); ``is_causal``: a causal mask on top;
+    - ``scale``: the logit scale of q·k (None: the bases' scale).
+    """
+
+    q: Optional[Tensor] = None
+    k: Optional[Tensor] = None
+    mask: Optional[Tensor] = None
+    window_mask: Optional[Tensor] = None
+    is_causal: bool = False
+    probs: Optional[Tensor] = None
+    rotary: Optional[Callable[[Tensor], Tensor]] = None
+    scale: Optional[float] = None
+
+    def attended_qk(self) -> Tuple[Tensor, Tensor]:
+        """(q, k) as the module multiplies them: (B, H, N, R'), (B, H, Nk, R')."""
+        if self.rotary is None:
+            return self.q, self.k
+        return self.rotary(self.q), self.rotary(self.k)
+
+
+def add_masks(m1: Tensor, m2: Tensor) -> Tensor:
+    """Sum of two SDPA masks (boolean keep-masks become 0 / −inf)."""
+    return as_additive(m1) + as_additive(m2)
+
+
+def as_additive(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A boolean keep-mask (True = may attend) as 0 / −inf; float masks unchanged."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))

@@ -36,8 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .base import (ATTN_MASK, QK_NORM, REL_POS_BIAS, ROPE, AttentionAdapter, QKWeights, builtin_adapter,
-                   first_norm_before, is_norm, no_grad_hook, split_heads)
+from .base import (ATTENTION, ATTN_MASK, QK_NORM, REL_POS_BIAS, ROPE, AttentionAdapter, AttentionTerms, QKWeights,
+                   add_masks, builtin_adapter, first_norm_before, is_norm, no_grad_hook, split_heads)
 
 _QK_NAMES = (("q_proj", "k_proj"), ("query", "key"))
 _QK_NORM_NAMES = (("q_norm", "k_norm"), ("query_norm", "key_norm"))
@@ -160,6 +160,9 @@ class HFAttentionAdapter(AttentionAdapter):
         q_lin, k_lin, H, Hkv, R = _layout(module)
         groups = H // Hkv
         bias_in_mask = self._rel_bias_via_mask(module)
+        static = self.weights(module).extras
+        # rope as the module applies it: its own module's apply_rotary_pos_emb(q, k, cos, sin)
+        rotary = getattr(inspect.getmodule(type(module)), "apply_rotary_pos_emb", None) if ROPE in static else None
         state: Dict[str, Any] = {}
         try:
             sig = inspect.signature(module.forward)
@@ -211,7 +214,13 @@ class HFAttentionAdapter(AttentionAdapter):
                 info["extras"] = extras
             q, k = _to_heads(state.pop("q"), H), _to_heads(state.pop("k"), Hkv)
             state.clear()
-            emit(q, k.repeat_interleave(groups, dim=1) if groups > 1 else k, info)
+            k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+            terms = _hf_terms(out, q, k, info, exact_qk=QK_NORM not in static and (ROPE not in static or bool(rotary)),
+                              rotary=_hf_rotary(rotary, info.get("rope")) if rotary else None,
+                              causal=getattr(mod, "is_causal", False) is True)
+            if terms is not None:
+                info[ATTENTION] = terms
+            emit(q, k, info)
 
         handles = [module.register_forward_pre_hook(no_grad_hook(on_enter), with_kwargs=True),
                    q_lin.register_forward_hook(no_grad_hook(on_q)),
@@ -246,3 +255,41 @@ class HFAttentionAdapter(AttentionAdapter):
                 return None  # a layer with norms, none before the attention: post-norm
             child = p
         return None
+
+
+def _hf_rotary(apply, rope) -> Optional[Any]:
+    """x (B, H, N, R) → x with the module's rope, from its ``apply_rotary_pos_emb`` and the
+    ``position_embeddings`` (cos, sin) of the call; None without them."""
+    if not (isinstance(rope, (tuple, list)) and len(rope) == 2):
+        return None
+    cos, sin = rope
+
+    def rotary(x: torch.Tensor) -> torch.Tensor:
+        return apply(x, x, cos.to(x.dtype), sin.to(x.dtype))[0]
+    return rotary
+
+
+def _hf_terms(out, q: torch.Tensor, k: torch.Tensor, info: Dict[str, Any], exact_qk: bool,
+              rotary=None, causal: bool = False) -> Optional[AttentionTerms]:
+    """The module's attention: its own probabilities where it returns them (``output[1]`` under
+    eager attention), else — without qk-norm, rope applied by the module's own
+    ``apply_rotary_pos_emb`` — the emitted q, k with the bias and mask the module received. None
+    otherwise (the share then uses q, k before qk-norm / rope). ``causal``: the module's
+    ``is_causal``, which attention functions apply when they get no mask (sdpa)."""
+    probs = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if isinstance(probs, torch.Tensor) and tuple(probs.shape) == shape:
+        return AttentionTerms(probs=probs)
+    if not exact_qk or (info.get("rope") is not None and rotary is None):
+        return None
+    mask, window_mask = info.get("rel_pos_bias"), None
+    attn_mask = info.get("attn_mask")
+    if isinstance(attn_mask, torch.Tensor):
+        if attn_mask.dim() == 3 and attn_mask.shape[0] != q.shape[0]:
+            window_mask = attn_mask  # Swin's shift mask (nW, N, N), windows batch-major
+        elif mask is None:
+            mask = attn_mask
+        else:
+            mask = add_masks(mask, attn_mask)
+    is_causal = bool(info.get("is_causal")) or (causal and attn_mask is None and q.shape[2] > 1)
+    return AttentionTerms(q=q, k=k, mask=mask, window_mask=window_mask, is_causal=is_causal, rotary=rotary)

@@ -8,19 +8,22 @@ separate ``q_proj``/``k_proj``. Biases: ``qkv.bias``, or ``q_bias`` with a zero 
 
 Capture: where the module has ``q_norm``/``k_norm`` submodules (Identity when qk-norm is off, still
 called), forward pre-hooks on them receive q and k as (B, H, N, R) right after the projection and
-before qk-norm and rope, at no extra cost. Otherwise (BEiT, Swin) a forward pre-hook on the module
-recomputes q and k from its input.
+before qk-norm and rope, at no extra cost; their forward hooks receive the normed q and k, to which
+the attention terms apply rope as the module does (prefix tokens untouched) when the share is
+recorded. Otherwise (BEiT, Swin) a forward pre-hook on the module recomputes q and k from its
+input; the terms then add the rel-pos bias and Swin's shift mask.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import inspect
+from typing import Any, Callable, Dict, List
 
 import torch
 import torch.nn as nn
 
-from .base import (ATTN_MASK, QK_NORM, REL_POS_BIAS, ROPE, AttentionAdapter, QKWeights, builtin_adapter,
-                   no_grad_hook, project, split_heads)
+from .base import (ATTENTION, ATTN_MASK, QK_NORM, REL_POS_BIAS, ROPE, AttentionAdapter, AttentionTerms, QKWeights,
+                   builtin_adapter, no_grad_hook, project, split_heads)
 
 
 def _timm_classes():
@@ -103,31 +106,51 @@ class TimmAttentionAdapter(AttentionAdapter):
         H = module.num_heads
         groups = getattr(module, "num_kv_groups", 1)
         state: Dict[str, Any] = {}
+        call = _call_binder(module)
 
         def on_module(mod, args, kwargs):
+            bound = kwargs if len(args) <= 1 else call(args, kwargs)  # blocks pass x alone positionally
             info = {}
-            rope = kwargs.get("rope", args[1] if len(args) > 1 else None)
+            rope = bound.get("rope")
             if rope is not None:
                 info["rope"] = rope
                 info["extras"] = {ROPE}
-            mask = kwargs.get("attn_mask")
+            mask = bound.get("attn_mask")
             if mask is not None:
                 info["attn_mask"] = mask
                 info.setdefault("extras", set()).add(ATTN_MASK)
+            causal = bound.get("is_causal") is True
+            # what the module multiplies: q, k after q_norm/k_norm (read by the norms' forward
+            # hooks), rope applied on demand, its mask (is_causal takes precedence, as in timm)
+            state["terms"] = AttentionTerms(mask=None if causal else mask, is_causal=causal,
+                                            rotary=None if rope is None else _timm_rotary(mod, rope))
             state["info"] = info
 
         def on_q(mod, args):
             state["q"] = args[0]
 
+        def on_q_normed(mod, args, out):
+            state["q_attn"] = out
+
         def on_k(mod, args):
-            k = args[0]
+            state["k"] = args[0]
+
+        def on_k_normed(mod, args, out):
+            k, k_attn = state.pop("k"), out
             if k.dim() == 4 and k.shape[1] != H:
-                k = _expand_kv(k, groups, 1)
-            emit(state.pop("q"), k, state.pop("info", {}))
+                k, k_attn = _expand_kv(k, groups, 1), _expand_kv(k_attn, groups, 1)
+            info = state.pop("info", {})
+            terms = state.pop("terms", None)
+            if terms is not None:
+                terms.q, terms.k = state.pop("q_attn", None), k_attn
+                info[ATTENTION] = terms
+            emit(state.pop("q"), k, info)
 
         return [module.register_forward_pre_hook(no_grad_hook(on_module), with_kwargs=True),
                 module.q_norm.register_forward_pre_hook(no_grad_hook(on_q)),
-                module.k_norm.register_forward_pre_hook(no_grad_hook(on_k))]
+                module.q_norm.register_forward_hook(no_grad_hook(on_q_normed)),
+                module.k_norm.register_forward_pre_hook(no_grad_hook(on_k)),
+                module.k_norm.register_forward_hook(no_grad_hook(on_k_normed))]
 
     def _capture_recompute(self, module, emit):
         H = module.num_heads
@@ -149,6 +172,38 @@ class TimmAttentionAdapter(AttentionAdapter):
             if mask is not None:
                 info["attn_mask"] = mask  # Swin shift mask (nW, N, N), windows ordered batch-major
                 info.setdefault("extras", set()).add(ATTN_MASK)
-            emit(project(x, W_q, b_q, H), project(x, W_k, b_k, H), info)
+            q, k = project(x, W_q, b_q, H), project(x, W_k, b_k, H)
+            # no qk-norm here: the module multiplies these q, k, then adds the bias and shift mask
+            info[ATTENTION] = AttentionTerms(q=q, k=k, mask=bias, window_mask=mask)
+            emit(q, k, info)
 
         return [module.register_forward_pre_hook(no_grad_hook(on_module), with_kwargs=True)]
+
+
+def _call_binder(module: nn.Module) -> Callable[[tuple, dict], Dict[str, Any]]:
+    """A function (args, kwargs) → the module forward's arguments by name (x, rope, attn_mask, ...)."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        sig = None
+
+    def bind(args, kwargs):
+        if sig is None:
+            return dict(kwargs)
+        try:
+            return dict(sig.bind_partial(*args, **kwargs).arguments)
+        except TypeError:
+            return dict(kwargs)
+    return bind
+
+
+def _timm_rotary(module: nn.Module, rope: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Rope exactly as timm's EvaAttention / AttentionRope apply it: prefix tokens untouched."""
+    from timm.layers import apply_rot_embed_cat
+    npt = getattr(module, "num_prefix_tokens", 0) or 0
+    half = getattr(module, "rotate_half", False)
+
+    def rotary(x: torch.Tensor) -> torch.Tensor:  # (B, H, N, R)
+        rotated = apply_rot_embed_cat(x[:, :, npt:, :], rope.to(x.device), half=half)
+        return torch.cat([x[:, :, :npt, :], rotated.to(x.dtype)], dim=2)
+    return rotary

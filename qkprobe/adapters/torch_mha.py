@@ -10,11 +10,13 @@ k = W_k x_k + b_k from the query and key inputs (sequence-first unless ``batch_f
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Optional
 
+import torch
 import torch.nn as nn
 
-from .base import ATTN_MASK, AttentionAdapter, QKWeights, builtin_adapter, no_grad_hook, project, split_heads
+from .base import (ATTENTION, ATTN_MASK, AttentionAdapter, AttentionTerms, QKWeights, builtin_adapter, no_grad_hook,
+                   project, split_heads)
 
 
 def _qk_flat(m: nn.MultiheadAttention):
@@ -58,10 +60,37 @@ class MultiheadAttentionAdapter(AttentionAdapter):
                 query, key = query.transpose(0, 1), key.transpose(0, 1)
             W_q, W_k, b_q, b_k = _qk_flat(mod)
             info = {}
-            mask = kwargs.get("attn_mask", args[4] if len(args) > 4 else None)
+            mask = kwargs.get("attn_mask", args[5] if len(args) > 5 else None)
             pad = kwargs.get("key_padding_mask", args[3] if len(args) > 3 else None)
-            if mask is not None or pad is not None or kwargs.get("is_causal", False):
+            causal = bool(kwargs.get("is_causal", args[7] if len(args) > 7 else False))
+            if mask is not None or pad is not None or causal:
                 info = {"attn_mask": mask, "key_padding_mask": pad, "extras": {ATTN_MASK}}
-            emit(project(query, W_q, b_q, H), project(key, W_k, b_k, H), info)
+            q, k = project(query, W_q, b_q, H), project(key, W_k, b_k, H)
+            # the module multiplies these q, k (no qk-norm); its masks in SDPA form
+            info[ATTENTION] = AttentionTerms(q=q, k=k, mask=_sdpa_mask(mask, pad, *q.shape[:3], k.shape[2]),
+                                             is_causal=causal and mask is None)
+            emit(q, k, info)
 
         return [module.register_forward_pre_hook(no_grad_hook(on_module), with_kwargs=True)]
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    """An MHA mask as additive floats: boolean True means *may not* attend (the opposite of SDPA)."""
+    if mask.dtype != torch.bool:
+        return mask.float()
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+def _sdpa_mask(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+               B: int, H: int, N: int, Nk: int) -> Optional[torch.Tensor]:
+    """MHA's ``attn_mask`` ((N, Nk) or (B·H, N, Nk)) and ``key_padding_mask`` ((B, Nk)) as one
+    additive mask broadcastable to (B, H, N, Nk)."""
+    out = None
+    if attn_mask is not None:
+        out = _additive(attn_mask)
+        if out.dim() == 3:
+            out = out.reshape(B, H, N, Nk)
+    if key_padding_mask is not None:
+        pad = _additive(key_padding_mask).reshape(B, 1, 1, Nk)
+        out = pad if out is None else out + pad
+    return out

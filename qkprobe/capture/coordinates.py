@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..adapters.base import ATTENTION, AttentionTerms
 from ..adapters.discover import AttentionSite, find_attention, prefix_tokens
 from ..bases import LayerBases, layer_bases
 
@@ -52,6 +53,19 @@ class ModeCoordinates:
     def probs(self) -> Tensor:
         """(B, H, N, Nk) softmax of :meth:`logits` (the module's attention when ``extras`` is empty)."""
         return self.logits().softmax(-1)
+
+    def attention_probs(self) -> Tensor:
+        """(B, H, N, Nk) the module's actual attention probabilities: its own, or from the q, k it
+        multiplies (after qk-norm / rope) with its mask and bias, as the attention share uses them."""
+        from .attention import attention_terms, real_probs
+        calls = self.info.get("calls") or [self.info]
+        if len(calls) == 1:
+            S = self.S.to(self.a.dtype)
+            return real_probs(attention_terms(calls[0], self.a * S.unsqueeze(-2), self.b), self.scale)
+        if not all(isinstance(c.get(ATTENTION), AttentionTerms) for c in calls):
+            raise ValueError(f"{self.name} was called {len(calls)} times and its adapter hands no attention "
+                             f"terms; call attention_probs() on one forward per call")
+        return torch.cat([real_probs(c[ATTENTION], self.scale) for c in calls])
 
 
 def coordinates_from_qk(q: Tensor, k: Tensor, bases: LayerBases, dtype: torch.dtype = torch.float32):

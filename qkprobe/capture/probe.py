@@ -30,6 +30,7 @@ from ..core.stats import ATTENTION_STATS, DEFAULT_STATS, STAT_INDEX, STAT_NAMES,
 from ..core import native
 from ..core.streaming import Aggregates, TopKSamples
 from ..distributed import finish_shards, rank_and_world, shard_path
+from .attention import ShareInputs, attention_terms, share_inputs
 from .coordinates import per_head_matmul, capture_qk
 
 Tensor = torch.Tensor
@@ -178,6 +179,7 @@ class Probe:
         self._forwards = 0
         self._recording = False
         self._ids: Optional[List[str]] = None
+        self._labels: Optional[List[str]] = None
         self._step = -1
         self.samples = 0
         self._n_prefix = n_prefix
@@ -270,9 +272,11 @@ class Probe:
             g.agg.load_state_dict(stacked("agg_"))
 
     # ------------------------------------------------------------------ user API
-    def set_ids(self, ids: Sequence) -> None:
-        """Sample ids for the next recorded forward (one per batch element)."""
+    def set_ids(self, ids: Sequence, labels: Optional[Sequence] = None) -> None:
+        """Sample ids for the next recorded forward (one per batch element), and optionally their
+        class labels (stored aligned with the ids; ``open_run(...).labels``)."""
         self._ids = [str(i) for i in ids]
+        self._labels = None if labels is None else ["" if v is None else str(v) for v in labels]
 
     def step(self, global_step: int) -> None:
         """The training step stored with the rows of the following forwards."""
@@ -347,12 +351,13 @@ class Probe:
             q, k = q.float(), k.float()
             a, b = l.coordinates(q, k)
             S = l.float_maps(q.device)[2]
-            bias = info.get("rel_pos_bias")
+            # the share uses the module's actual attention (after qk-norm / rope, its mask and bias)
+            share = share_inputs(attention_terms(info, q, k), l.bases.scale) if self._attention else ShareInputs()
             # straight into the group's buffer (no copy at the end of the forward) where possible
             direct = l.heads is None and not l.pending
             st = mode_statistics(a, b, S, l.bases.scale, prefix_tokens=l.bases.prefix_tokens or 0,
                                  include_prefix=self.options.include_prefix, topk=self.options.topk,
-                                 q=q, k=k, attn_bias=None if bias is None else bias.float(),
+                                 probs=share.probs, q=share.q, k=share.k, attn_bias=share.attn_bias,
                                  attention=self._attention,
                                  out=l.group.slot(l.slot, a.shape[0], a.device) if direct else None)
             if l.heads is not None:
@@ -374,9 +379,12 @@ class Probe:
             B = self._batch  # windowed attention sees B · windows rows
         prefix = f"rank{self.rank}:" if self.world > 1 else ""  # default ids stay unique across shards
         ids = self._ids if self._ids is not None else [f"{prefix}{self.samples + j}" for j in range(B)]
+        labels, self._labels = self._labels, None
         self._ids = None
         if len(ids) != B:
             raise ValueError(f"set_ids gave {len(ids)} ids for a batch of {B} samples")
+        if labels is not None and len(labels) != B:
+            raise ValueError(f"set_ids gave {len(labels)} labels for a batch of {B} samples")
         rows: List[Any] = [None] * len(self.layers)
         snaps: List[Any] = [None] * len(self.layers)
         for g in self.groups:
@@ -414,7 +422,7 @@ class Probe:
         self.samples += B
         if self.writer is not None:
             self.writer.write(ids, rows if self.options.per_sample else None, steps=[self._step] * B,
-                              snapshot=snaps, series=self._take_series())
+                              snapshot=snaps, series=self._take_series(), labels=labels)
 
     # ------------------------------------------------------------------ training
     def refresh(self, step: Optional[int] = None) -> None:

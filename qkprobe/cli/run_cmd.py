@@ -20,7 +20,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="HDF5 run file")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--images", help="folder of images (recursive); default: scikit-image's photographs")
-    src.add_argument("--list", help="text file with one image path per line")
+    src.add_argument("--list", help="text file with one image path per line (path<TAB>label lines give class "
+                                    "labels)")
+    p.add_argument("--labels", help="text file of path<TAB>label lines: the class label stored with each image "
+                                    "(default: the class sub-folders of --images, ImageFolder layout, or the "
+                                    "labels of a --list file)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -229,6 +233,7 @@ def _run(args, group: Optional[_Group]) -> int:
         paths = skimage_images(_cache_dir())
     if not paths:
         raise RunFileError("Found no images to run on; check --images or --list.")
+    label_of = _image_labels(args, paths)
     model, transform, meta = load_from_args(args, device=args.device)
     transform = transform_from_args(transform, args, meta)
     if transform is None or not callable(transform) or hasattr(transform, "tokenize"):
@@ -262,19 +267,21 @@ def _run(args, group: Optional[_Group]) -> int:
               f"already in {args.out}", flush=True)
     probe = attach(model, args.out, options=options, metadata=meta, resume=args.resume,
                    chunk_rows=min(max(args.batch_size, 8), 256))
-    loader = make_loader(paths, transform, batch_size=args.batch_size, workers=args.workers)
+    loader = make_loader(paths, transform, batch_size=args.batch_size, workers=args.workers,
+                         labels=None if label_of is None else [label_of.get(p, "") for p in paths])
     t0, seen = time.perf_counter(), 0
     lead = group is None or group.rank == 0
     bar = tqdm(total=len(paths), unit="img", disable=args.no_progress or not lead, desc="qkprobe run")
     try:
         with torch.no_grad():
-            for images, batch_paths, ok, reasons in loader:
+            for images, batch_paths, ok, reasons, *batch_labels in loader:
                 for p, good, why in zip(batch_paths, ok.tolist(), reasons):
                     if not good:
                         probe.skip(id_of[p], why)
                 keep = [i for i, good in enumerate(ok.tolist()) if good]
                 if keep:
-                    probe.set_ids([id_of[batch_paths[i]] for i in keep])
+                    probe.set_ids([id_of[batch_paths[i]] for i in keep],
+                                  labels=[batch_labels[0][i] for i in keep] if batch_labels else None)
                     model(images[keep].to(args.device))
                 seen += len(batch_paths)
                 if args.verbose:
@@ -299,6 +306,35 @@ def _run(args, group: Optional[_Group]) -> int:
     return 0
 
 
+def _image_labels(args, paths):
+    """{path: class label} from --labels, the tabs of a --list file or the class sub-folders of
+    --images (ImageFolder layout); None when the images have no labels."""
+    from ..data import folder_labels, labels_file, labels_for, list_file_labels
+    if getattr(args, "labels", None):
+        labels, source = labels_for(paths, labels_file(args.labels)), f"the labels file {args.labels}"
+    elif args.list:
+        labels, source = list_file_labels(args.list), "the list file"
+    elif args.images:
+        labels, source = folder_labels(paths, args.images), "class sub-folders"
+    else:
+        labels = None
+    if not labels or not any(labels):
+        return None
+    classes = {v for v in labels if v}
+    missing = sum(1 for v in labels if not v)
+    print(f"labels: {len(classes)} classes over {len(labels) - missing} images, from {source}"
+          + (f" ({missing} images without a label)" if missing else ""), file=sys.stderr)
+    return dict(zip(paths, labels))
+
+
+def _label_counts(labels) -> str:
+    """``"cat 7, dog 5, ..."``: the most frequent labels first (at most 10 named)."""
+    from collections import Counter
+    counts = Counter(v for v in labels if v).most_common()
+    text = ", ".join(f"{name} {n}" for name, n in counts[:10])
+    return text + (f", ... ({len(counts) - 10} more classes)" if len(counts) > 10 else "")
+
+
 def inspect(args) -> int:
     from ..sinks.run_file import open_run
     with open_run(args.file) as run:
@@ -314,6 +350,11 @@ def inspect(args) -> int:
             print(f"  layer {i:2d} {name}")
         if run.skipped:
             print(f"  skipped inputs: {len(run.skipped)} (first: {run.skipped[0][0]}: {run.skipped[0][1]})")
+        labels = run.labels
+        if labels is not None:
+            unlabelled = sum(1 for v in labels if not v)
+            print(f"  labels: {len({v for v in labels if v})} classes: {_label_counts(labels)}"
+                  + (f"; {unlabelled} rows without a label" if unlabelled else ""))
     return 0
 
 

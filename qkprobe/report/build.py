@@ -20,7 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -69,6 +69,17 @@ class RunData:
     series: Optional[dict] = None
     series_note: str = ""
     label: str = ""
+    labels: Optional[List[str]] = None   # class label per row ("" = none), None without labels
+    _row_of: Optional[Dict[str, int]] = field(default=None, repr=False)
+
+    def class_of(self, sample_id: str) -> Optional[str]:
+        """The class label stored with a sample (None: the run has no labels or the row none)."""
+        if self.labels is None:
+            return None
+        if self._row_of is None:
+            self._row_of = {sid: i for i, sid in enumerate(self.ids)}
+        i = self._row_of.get(sample_id)
+        return (self.labels[i] or None) if i is not None else None
 
     @property
     def dim(self) -> int:
@@ -119,6 +130,7 @@ def read_run(path) -> RunData:
         data = RunData(path=Path(path), meta=meta, rows=len(run), ids=run.ids, skipped=run.skipped,
                        layers=layers, options=options)
         data.series, data.series_note = read_series(run)
+        data.labels = run.labels
     return data
 
 
@@ -453,9 +465,11 @@ def _optimal_section(ctx: _Ctx, r: RunData, ri: int, choices: List[Choice], n_mo
                     if sid not in thumbs:
                         thumbs[sid] = _thumbnail(needed[sid])
                     img = thumbs[sid]
-                cells.append({"image": img, "overlay": ov, "score": score, "name": os.path.basename(sid)})
+                cells.append({"image": img, "overlay": ov, "score": score, "name": os.path.basename(sid),
+                              "class": r.class_of(sid)})
                 entry["items"].append({"id": sid, "score": score, "recomputed_score": recomputed,
-                                       "missing": sid in missing})
+                                       "missing": sid in missing, "class": r.class_of(sid)})
+            entry["top_classes"] = _top_classes([it["class"] for it in entry["items"]])
             grid_rows.append({"label": label, "cosine": float(l.cosine[c.head, m]), "items": cells})
             data["entries"].append(entry)
         fig = plot.optimal_images_grid(grid_rows)
@@ -465,7 +479,25 @@ def _optimal_section(ctx: _Ctx, r: RunData, ri: int, choices: List[Choice], n_mo
         body.append(f"<h4>L{c.layer} H{c.head} <span class=\"muted\">— <code>{H.esc(l.name)}</code> head "
                     f"{c.head}; {H.esc(why)}</span></h4>")
         body.append(H.figure(src, f"optimal images of layer {c.layer} head {c.head}"))
+        body.append(_classes_note([e for e in data["entries"] if (e["layer"], e["head"]) == (c.layer, c.head)]))
     return "\n".join(head + body), data, missing
+
+
+def _top_classes(classes: Sequence[Optional[str]], n: int = 3) -> List[List[Any]]:
+    """The ``n`` most frequent classes among a mode's top images, as [class, count] (most first)."""
+    from collections import Counter
+    return [[name, count] for name, count in Counter(c for c in classes if c).most_common(n)]
+
+
+def _classes_note(entries: Sequence[dict]) -> str:
+    """One line per shown (mode, sign): the most frequent classes among its top images."""
+    lines = [f"<li>{H.esc(e['label'])}: " + ", ".join(f"{H.esc(str(name))} ×{count}" for name, count in
+                                                      e["top_classes"]) + "</li>"
+             for e in entries if e.get("top_classes")]
+    if not lines:
+        return ""
+    return '<p class="note">Most frequent classes among the top images:</p><ul class="classes">' + \
+        "".join(lines) + "</ul>"
 
 
 def _importance_section(ctx: _Ctx, r: RunData, ri: int, band: float) -> Tuple[str, dict]:

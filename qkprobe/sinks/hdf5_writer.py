@@ -85,6 +85,7 @@ class _Batch:
     snapshot: list                # per layer {name: array}
     skipped: list                 # [(id, reason)]
     series: list                  # [(step, per layer {name: array})]
+    labels: Optional[list] = None  # B class labels ("" = none), or None
 
 
 class RunWriter:
@@ -160,7 +161,7 @@ class RunWriter:
 
     def write(self, ids: Sequence[str], rows: Optional[Sequence[np.ndarray]] = None, steps=None,
               snapshot: Optional[Sequence[Optional[dict]]] = None, skipped: Sequence[tuple] = (),
-              series: Sequence[tuple] = ()) -> int:
+              series: Sequence[tuple] = (), labels: Optional[Sequence[str]] = None) -> int:
         """Queue one batch; block while the queue is full.
 
         Args:
@@ -171,6 +172,8 @@ class RunWriter:
                 change). The arrays must describe the state *after* this batch.
             skipped: (id, reason) of inputs that could not be read.
             series: time-series points ``(step, [per layer {declared name: array}])``.
+            labels: B class labels, stored aligned with the ids ("" for a sample without one);
+                None: no labels for this batch.
 
         Returns:
             The ticket of the batch (batch number in this session, from 0).
@@ -181,6 +184,7 @@ class RunWriter:
         self._raise_if_failed()
         self._raise_if_closed()
         batch = self._prepare(ids, rows, steps, snapshot, skipped, series)
+        batch.labels = self._prepare_labels(labels, len(batch.ids))
         self._put(("batch", batch))
         ticket = self._tickets
         self._tickets += 1
@@ -329,10 +333,8 @@ class RunWriter:
         group.attrs["num_heads"] = spec.num_heads
         group.attrs["num_modes"] = spec.num_modes
         schema.encode_attrs(group, spec.attrs)
-        heads = group.create_dataset(schema.HEAD_INDEX, data=np.arange(spec.num_heads, dtype=np.int32))
-        heads.make_scale("head")
-        modes = group.create_dataset(schema.MODE_INDEX, data=np.arange(spec.num_modes, dtype=np.int32))
-        modes.make_scale("mode")
+        group.create_dataset(schema.HEAD_INDEX, data=np.arange(spec.num_heads, dtype=np.int32))
+        group.create_dataset(schema.MODE_INDEX, data=np.arange(spec.num_modes, dtype=np.int32))
         if self.per_sample:
             shape = (spec.num_heads, spec.num_modes, len(self.stat_names))
             stats = group.create_dataset(
@@ -340,9 +342,6 @@ class RunWriter:
                 chunks=(self.chunk_rows, 1, *shape[1:]), **_compression_options(self.compression))
             for axis, label in enumerate(schema.STATS_DIMS):
                 stats.dims[axis].label = label
-            stats.dims[1].attach_scale(heads)
-            stats.dims[2].attach_scale(modes)
-            stats.dims[3].attach_scale(f[schema.STAT_NAMES])
         snapshot = group.create_group(schema.SNAPSHOT)
         for name, (shape, dtype) in spec.snapshot.items():
             snapshot.create_dataset(name, data=np.zeros((2, *tuple(shape)), dtype=np.dtype(dtype)))
@@ -354,6 +353,7 @@ class RunWriter:
             shape = tuple(shape)
             series.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=np.dtype(dtype),
                                   chunks=(16, *shape))
+        label_layer(group, self.stat_names, spec.attrs.get("heads"))
 
     def _mark_writer(self, f: h5py.File) -> None:
         # Lets ``recover`` refuse to touch a file whose writer is still running.
@@ -410,6 +410,8 @@ class RunWriter:
         self._generation = int(state[schema.GENERATION])
         self._steps = f[schema.SAMPLE_STEP]
         self._ids = _StringColumn(f[schema.SAMPLE_ID], self._rows)
+        # one label per row ("" = none); files from before labels have no column
+        self._labels = _StringColumn(f[schema.SAMPLE_LABEL], self._rows) if schema.SAMPLE_LABEL in f else None
         self._skipped_ids = _StringColumn(f[schema.SKIPPED_ID], int(state[schema.SKIPPED]))
         self._skipped_reasons = _StringColumn(f[schema.SKIPPED_REASON], int(state[schema.SKIPPED]))
         groups = [f[schema.layer_path(i, len(self.layers))] for i in range(len(self.layers))]
@@ -424,6 +426,8 @@ class RunWriter:
         self._pending_skipped: list = []
         self._series_step = f[schema.SERIES_STEP]
         self._series_sets = [g[schema.SERIES] for g in groups]
+        # coordinate scales that grow with the rows / series points (absent in older files)
+        self._growing = {dim: [g[dim] for g in groups if dim in g] for dim in schema.GROWING_DIMS}
         self._series = self._series_committed = schema.series_points(state)
         self._last_commit = self._last_fsync = time.monotonic()
         self._unsynced = False
@@ -470,6 +474,20 @@ class RunWriter:
                                  f"(batch, heads, modes, statistics).")
             out.append(array)
         return out
+
+    def _prepare_labels(self, labels, batch: int) -> Optional[list]:
+        if labels is None:
+            return None
+        labels = ["" if label is None else str(label) for label in labels]
+        if len(labels) != batch:
+            raise ShapeError(f"write() got {len(labels)} labels for {batch} ids; pass one label per id.")
+        if self._labels is None and any(labels):
+            if not getattr(self, "_warned_labels", False):
+                self._warned_labels = True
+                log.warning("%s was created by a qkprobe without class labels; its new rows are stored "
+                            "without them (write to a new file to keep labels).", self.path)
+            return None
+        return labels
 
     @staticmethod
     def _prepare_steps(steps, batch: int) -> np.ndarray:
@@ -613,7 +631,10 @@ class RunWriter:
                     _write_rows(dataset, start, rows)
             self._steps.resize((stop,))
             self._steps[start:stop] = batch.steps
+            _grow_scales(self._growing[schema.DIM_SAMPLE], start, stop)
             self._ids.append(batch.ids)
+            if self._labels is not None:
+                self._labels.append(batch.labels or [""] * len(batch.ids))
             self._rows = stop
         for latest, update in zip(self._snapshot_values, batch.snapshot):
             if update:
@@ -628,6 +649,7 @@ class RunWriter:
                 for name, dataset in datasets.items():
                     dataset.resize(stop, axis=0)
                     dataset[start:stop] = np.stack([layers[i][name] for _, layers in batch.series])
+            _grow_scales(self._growing[schema.DIM_POINT], start, stop)
             self._series = stop
 
     def _commit(self) -> None:
@@ -762,6 +784,70 @@ def _create_string_column(f: h5py.File, path: str) -> None:
                          chunks=(BYTES_CHUNK,))
     group.create_dataset(schema.STRING_END, shape=(0,), maxshape=(None,), dtype=np.int64,
                          chunks=(ROW_CHUNK,))
+
+
+def label_layer(group: h5py.Group, stat_names: Sequence[str], heads: Optional[Sequence[int]] = None,
+                rows: int = 0) -> None:
+    """Attach named coordinate scales (``schema.LAYER_DIMS``) to every dataset of a layer group
+    not labelled yet, creating the scales in the group (before SWMR starts).
+
+    ``heads``: the model's indices of the recorded heads (None: all, and arrays over the model's
+    heads share the ``head`` dimension). ``rows``: current length of the growing ``sample`` scale.
+    A dataset whose shape disagrees with a scale stays unlabelled.
+    """
+    datasets: list = []
+    group.visititems(lambda path, obj: datasets.append((path, obj)) if isinstance(obj, h5py.Dataset) else None)
+    scales = {path: ds for path, ds in datasets if ds.is_scale}
+
+    def scale(dim: str, length: int, growing: bool):
+        if dim in scales:
+            ds = scales[dim]
+            return ds if (growing and ds.maxshape[0] is None) or ds.shape[0] == length else None
+        if dim in schema.GROWING_DIMS:
+            if not growing and length != (rows if dim == schema.DIM_SAMPLE else 0):
+                return None  # a fixed axis of another length (a merged file's virtual stats: rows)
+            ds = group.create_dataset(dim, data=np.arange(rows if dim == schema.DIM_SAMPLE else 0, dtype=np.int64),
+                                      maxshape=(None,), chunks=(ROW_CHUNK if dim == schema.DIM_SAMPLE else 256,))
+        elif dim == schema.DIM_STATISTIC:
+            if length != len(stat_names):
+                return None
+            ds = group.create_dataset(dim, data=list(stat_names), dtype=h5py.string_dtype())
+        elif dim == schema.DIM_SIGN:
+            if length != len(schema.SIGN_VALUES):
+                return None
+            ds = group.create_dataset(dim, data=list(schema.SIGN_VALUES), dtype=h5py.string_dtype())
+        elif dim == schema.DIM_HEAD and heads is not None:
+            if length != len(heads):
+                return None
+            ds = group.create_dataset(dim, data=np.asarray(heads, dtype=np.int32))
+        else:
+            ds = group.create_dataset(dim, data=np.arange(length, dtype=np.int32))
+        ds.make_scale(dim)
+        scales[dim] = ds
+        return ds
+
+    for path, ds in datasets:
+        dims = schema.layer_dims(path)
+        if ds.is_scale or dims is None or len(dims) != ds.ndim or any(len(ds.dims[a]) for a in range(ds.ndim)):
+            continue
+        if heads is None:
+            dims = tuple(schema.DIM_HEAD if d == schema.DIM_MODEL_HEAD else d for d in dims)
+        found = [scale(d, n, ds.maxshape[a] is None) for a, (d, n) in enumerate(zip(dims, ds.shape))]
+        if any(s is None for s in found):
+            continue
+        for axis, (dim, sc) in enumerate(zip(dims, found)):
+            ds.dims[axis].attach_scale(sc)
+            ds.dims[axis].label = dim
+
+
+def _grow_scales(scales: list, start: int, stop: int) -> None:
+    """Extend growing coordinate scales to ``stop`` entries (values: their indices)."""
+    if stop <= start:
+        return
+    values = np.arange(start, stop, dtype=np.int64)
+    for ds in scales:
+        ds.resize((stop,))
+        _write_rows(ds, start, values)  # low-level write: no Python selection handling per layer
 
 
 def _compression_options(name: Optional[str]) -> dict:

@@ -204,6 +204,8 @@ def truncate_rows(f: h5py.File, rows: int, skipped: int, series: int = 0) -> Non
         raise damaged(f.filename, f"its commit record counts {rows} rows and {skipped} skipped inputs but it holds "
                                   f"{have} rows")
     _truncate_column(f[schema.SAMPLE_ID], rows)
+    if schema.SAMPLE_LABEL in f:  # files from before labels have none
+        _truncate_column(f[schema.SAMPLE_LABEL], rows)
     f[schema.SAMPLE_STEP].resize((rows,))
     _truncate_column(f[schema.SKIPPED_ID], skipped)
     _truncate_column(f[schema.SKIPPED_REASON], skipped)
@@ -213,6 +215,9 @@ def truncate_rows(f: h5py.File, rows: int, skipped: int, series: int = 0) -> Non
             layer[schema.STATS].resize(rows, axis=0)
         for dataset in layer.get(schema.SERIES, {}).values():
             dataset.resize(series, axis=0)
+        for dim, length in ((schema.DIM_SAMPLE, rows), (schema.DIM_POINT, series)):
+            if dim in layer:  # the growing coordinate scales
+                layer[dim].resize((length,))
     if schema.SERIES_STEP in f:
         f[schema.SERIES_STEP].resize((series,))
 

@@ -120,6 +120,19 @@ class RunFile:
         return list(self._ids)
 
     @property
+    def labels(self) -> Optional[list[str]]:
+        """Class labels of the committed rows, in row order ("" for a row without one); None when
+        the file stores none (no row labelled, or a file from before labels)."""
+        if schema.SAMPLE_LABEL not in self._file:
+            return None
+        cached = getattr(self, "_label_cache", [])
+        if len(cached) < self._rows:
+            cached = cached + self._read_column(schema.SAMPLE_LABEL, len(cached), self._rows)
+            self._label_cache = cached
+        labels = cached[:self._rows]
+        return labels if any(labels) else None
+
+    @property
     def steps(self) -> np.ndarray:
         """(rows,) int64 training step of each row (-1 when none)."""
         return self._read_rows(self._file[schema.SAMPLE_STEP], (slice(None),))
@@ -222,6 +235,56 @@ class RunFile:
         """Root attributes, JSON ones decoded: schema_version, qkprobe_version, created, caller's keys."""
         return schema.decode_attrs(self._file, skip=(schema.JSON_KEYS, schema.WRITER_PID, schema.WRITER_HOST))
 
+    def to_xarray(self, layer: LayerKey):
+        """The committed data of one layer as a labelled ``xarray.Dataset``.
+
+        Variables: ``stats`` (sample, head, mode, statistic) when per-sample rows are stored, the
+        snapshot arrays at their committed slot (``agg_mean`` (head, mode, statistic),
+        ``topk_scores`` (head, mode, sign, top), ...), ``bases_<name>`` and ``series_<name>``.
+        Coordinates: the layer's scales (``head`` holds the model's head indices, ``statistic`` the
+        names) and, along ``sample``, ``id`` and ``step``. Attributes: the layer's attributes.
+        """
+        try:
+            import xarray as xr
+        except ImportError as exc:
+            raise RunFileError("to_xarray needs xarray; install it (pip install xarray).") from exc
+        group = self._layer(layer)
+        index = self._layer_index(layer)
+        variables: dict = {}
+        for path in _layer_datasets(group):
+            ds = group[path]
+            scale, dims = ds.is_scale, _dim_names(ds, path.replace("/", "_"))
+            del ds  # no second handle while a read below refreshes the dataset (HDF5 refuses it)
+            if scale or path in (schema.HEAD_INDEX, schema.MODE_INDEX):
+                continue
+            sub, _, name = path.rpartition("/")
+            if path == schema.STATS:
+                variables["stats"] = (dims, self.stats(index))
+            elif sub == schema.SNAPSHOT:
+                variables[name] = (dims[1:], self.snapshot(index, name))
+            elif sub == schema.SERIES:
+                variables[f"series_{name}"] = (dims, self.series(index, name))
+            elif sub == schema.BASES:
+                variables[f"bases_{name}"] = (dims, group[path][()])
+        used = {d for dims, _ in variables.values() for d in dims}
+        coords: dict = {}
+        for dim in used:
+            if dim == schema.DIM_SAMPLE:
+                coords[dim] = np.arange(self._rows)
+                coords["id"] = (dim, np.asarray(self.ids, dtype=object))
+                coords["step"] = (dim, self.steps)
+                labels = self.labels
+                if labels is not None:
+                    coords["label"] = (dim, np.asarray(labels, dtype=object))
+            elif dim == schema.DIM_POINT:
+                coords[dim] = np.arange(len(self.series_steps))
+                coords["series_step"] = (dim, self.series_steps)
+            elif dim in group and group[dim].is_scale:
+                values = group[dim][()]
+                coords[dim] = np.array([schema.to_python(v) for v in values], dtype=object) \
+                    if values.dtype.kind in "OS" else values
+        return xr.Dataset(variables, coords=coords, attrs=self.layer_attrs(index))
+
     def _layer(self, layer: LayerKey) -> h5py.Group:
         return self._layers[self._layer_index(layer)]
 
@@ -258,6 +321,19 @@ class RunFile:
     def __repr__(self) -> str:
         return (f"RunFile({str(self.path)!r}, rows={self._rows}, layers={len(self._layers)}, "
                 f"stats={self.stat_names})")
+
+
+def _layer_datasets(group: h5py.Group) -> list:
+    """Paths inside a layer group of all its datasets, subgroups included (no handles kept)."""
+    out: list = []
+    group.visititems(lambda path, obj: out.append(path) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def _dim_names(ds: h5py.Dataset, var: str) -> tuple:
+    """Names of the coordinate scales attached to each axis (``<var>_dim<i>`` where none is)."""
+    return tuple(ds.dims[a][0].name.rsplit("/", 1)[-1] if len(ds.dims[a]) else f"{var}_dim{a}"
+                 for a in range(ds.ndim))
 
 
 def _open(path: Path) -> h5py.File:

@@ -31,6 +31,7 @@ ROWS, SKIPPED, GENERATION, SERIES_POINTS = range(4)
 
 SAMPLE_ID = "samples/id"          # string column, one id per row
 SAMPLE_STEP = "samples/step"      # (rows,) int64, -1 when there is no training step
+SAMPLE_LABEL = "samples/label"    # string column, the class label of each row ("" = none)
 SKIPPED_ID = "skipped/id"         # string column, inputs that could not be read
 SKIPPED_REASON = "skipped/reason"  # string column, why (same length as skipped/id)
 STRING_BYTES = "utf8"
@@ -56,7 +57,7 @@ RESERVED_ROOT_ATTRS = frozenset({
 })
 RESERVED_LAYER_ATTRS = frozenset({"name", "num_heads", "num_modes", JSON_KEYS})
 
-STRING_COLUMNS = (SAMPLE_ID, SKIPPED_ID, SKIPPED_REASON)
+STRING_COLUMNS = (SAMPLE_ID, SKIPPED_ID, SKIPPED_REASON, SAMPLE_LABEL)
 
 
 def layer_path(index: int, num_layers: int) -> str:
@@ -165,3 +166,41 @@ def string_column_nbytes(group, count: int) -> int:
 def series_points(committed) -> int:
     """Committed time-series points of a commit record (0 for records without the field)."""
     return int(committed[SERIES_POINTS]) if len(committed) > SERIES_POINTS else 0
+
+
+# Named dimensions (netCDF-4 conventions, so that xarray / h5netcdf open a layer group as a labelled
+# Dataset): every dataset of a layer group, subgroups included, has each axis attached to a
+# coordinate scale of the layer group, a 1-D dataset named like the dimension. ``sample`` and
+# ``point`` grow with the rows and the time-series points; ``head`` holds the recorded heads'
+# indices in the model, ``model_head`` all of the model's heads (only when a head subset is
+# recorded; else arrays over all heads use ``head``).
+DIM_SAMPLE, DIM_POINT, DIM_HEAD, DIM_MODEL_HEAD = "sample", "point", "head", "model_head"
+DIM_MODE, DIM_STATISTIC, DIM_SLOT, DIM_SIGN, DIM_TOP = "mode", "statistic", "slot", "sign", "top"
+DIM_FEATURE, DIM_KEY_FEATURE = "feature", "key_feature"
+GROWING_DIMS = (DIM_SAMPLE, DIM_POINT)
+SIGN_VALUES = ("pos", "neg")
+#: Dimensions of the datasets of a layer group, by path inside it (fnmatch patterns, first match).
+#: A dataset matching none, or whose shape disagrees with the scales, stays unlabelled (xarray
+#: then gives it "phony" dimensions; mixing labelled and unlabelled axes is what it refuses).
+LAYER_DIMS = (
+    (STATS, (DIM_SAMPLE, DIM_HEAD, DIM_MODE, DIM_STATISTIC)),
+    (HEAD_INDEX, (DIM_HEAD,)),
+    (MODE_INDEX, (DIM_MODE,)),
+    (f"{SNAPSHOT}/agg_*", (DIM_SLOT, DIM_HEAD, DIM_MODE, DIM_STATISTIC)),
+    (f"{SNAPSHOT}/topk_*", (DIM_SLOT, DIM_HEAD, DIM_MODE, DIM_SIGN, DIM_TOP)),
+    (f"{SNAPSHOT}/nonfinite_values", (DIM_SLOT,)),
+    (f"{BASES}/U", (DIM_MODEL_HEAD, DIM_FEATURE, DIM_MODE)),
+    (f"{BASES}/V", (DIM_MODEL_HEAD, DIM_KEY_FEATURE, DIM_MODE)),
+    (f"{BASES}/key_bias_term", (DIM_MODEL_HEAD, DIM_KEY_FEATURE)),
+    (f"{BASES}/*", (DIM_MODEL_HEAD, DIM_MODE)),
+    (f"{SERIES}/S", (DIM_POINT, DIM_MODEL_HEAD, DIM_MODE)),
+    (f"{SERIES}/cosine", (DIM_POINT, DIM_MODEL_HEAD, DIM_MODE)),
+    (f"{SERIES}/drift_*", (DIM_POINT, DIM_MODEL_HEAD)),
+    (f"{SERIES}/*", (DIM_POINT,)),
+)
+
+
+def layer_dims(path: str):
+    """The dimension names of the dataset at ``path`` inside a layer group, or None."""
+    from fnmatch import fnmatchcase
+    return next((dims for pattern, dims in LAYER_DIMS if fnmatchcase(path, pattern)), None)
