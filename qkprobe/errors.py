@@ -31,3 +31,7 @@ class ShapeError(QKProbeError):
 
 class RunFileError(QKProbeError):
     """A run file that cannot be read, resumed or written."""
+
+
+class BackendError(QKProbeError):
+    """A statistics backend that does not exist or cannot run on the model's device."""

@@ -30,6 +30,7 @@ from ..core.stats import ATTENTION_STATS, DEFAULT_STATS, STAT_INDEX, STAT_NAMES,
 from ..core import native
 from ..core.streaming import Aggregates, TopKSamples
 from ..distributed import finish_shards, rank_and_world, shard_path
+from ..reduce.backend import resolve as resolve_backend
 from .coordinates import per_head_matmul, capture_qk
 
 Tensor = torch.Tensor
@@ -53,6 +54,11 @@ class ProbeOptions:
     paper's map statistics and scores without ``attn_contrib`` / ``attn_share``, which cost one
     more attention pass per layer (on CPU about as much as the model's own attention). Top-k
     optimal samples use the scores either way.
+    backend: who computes the statistics: "auto" (Triton kernels for CUDA tensors, the compiled
+    C kernels on the CPU, else torch), "torch", "native" or "triton" (:mod:`qkprobe.reduce`).
+    snapshot_every_s: seconds between writes of the top-k and aggregate snapshot (also written
+    at close); rows are committed every batch. backend and snapshot_every_s change how, not what,
+    a probe records: they are not part of :meth:`record` (a resume may change them).
     """
 
     layers: Optional[List[Union[int, str]]] = None
@@ -66,9 +72,15 @@ class ProbeOptions:
     compression: Optional[str] = "blosc-lz4"
     refresh_every: Optional[int] = None
     stats: Union[None, str, List[str]] = None
+    backend: str = "auto"
+    snapshot_every_s: float = 5.0
 
     def record(self) -> Dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_OPTIONS}
+
+
+#: ProbeOptions fields that do not change what is recorded (left out of the stored options)
+RUNTIME_OPTIONS = ("backend", "snapshot_every_s")
 
 
 @dataclass
@@ -155,6 +167,7 @@ class Probe:
         by_name = {b.name: b for b in bases} if bases is not None else {}
         chosen = self._select(sites, self.options.layers)
         device = _model_device(model)
+        self._backends = {device: resolve_backend(self.options.backend, device)}  # a forced one fails here
         shapes: Dict[tuple, List[tuple]] = {}
         for index, site in enumerate(chosen):
             lb = by_name.get(site.name) or layer_bases(site, model, n_prefix=n_prefix)
@@ -342,6 +355,8 @@ class Probe:
     def _on_qk(self, i: int, q: Tensor, k: Tensor, info: Dict[str, Any]) -> None:
         if not self._recording:
             return
+        if self._reduce_elsewhere(i, q, k, info):  # backend "triton", or "torch" over the C kernels
+            return
         l = self.layers[i]
         with torch.no_grad():
             q, k = q.float(), k.float()
@@ -358,6 +373,33 @@ class Probe:
             if l.heads is not None:
                 st = st.index_select(1, l.heads.to(st.device))
             l.pending.append(st)  # NaN/Inf from q or k are counted by the aggregates
+
+    def _reduce_elsewhere(self, i: int, q: Tensor, k: Tensor, info: Dict[str, Any]) -> bool:
+        """The one dispatch point of the statistics backends; False: the default path of _on_qk."""
+        backend = self._backends.get(q.device)
+        if backend is None:
+            backend = self._backends[q.device] = resolve_backend(self.options.backend, q.device)
+        if backend == "torch" and native.enabled():
+            with native.disabled():
+                self._on_qk(i, q, k, info)
+            return True
+        if backend != "triton":
+            return False
+        from ..reduce.triton_stats import mode_statistics_qk
+        l = self.layers[i]
+        with torch.no_grad():
+            coord_q, coord_k, S, _ = l.float_maps(q.device)
+            bias = info.get("rel_pos_bias")
+            direct = l.heads is None and not l.pending
+            st = mode_statistics_qk(q, k, coord_q, coord_k, S, l.bases.scale,
+                                    prefix_tokens=l.bases.prefix_tokens or 0,
+                                    include_prefix=self.options.include_prefix, topk=self.options.topk,
+                                    attn_bias=bias, attention=self._attention,
+                                    out=l.group.slot(l.slot, q.shape[0], q.device) if direct else None)
+            if l.heads is not None:
+                st = st.index_select(1, l.heads.to(st.device))
+            l.pending.append(st)
+        return True
 
     def _on_forward_end(self, module, args, output):
         if not self._recording:
