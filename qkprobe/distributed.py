@@ -380,6 +380,11 @@ def _replay_after_snapshot(shard: _Shard, layer: int, values: Dict[str, np.ndarr
     if covered >= shard.rows or not shard.per_sample or shard.stats_shape[layer] is None:
         return
     names = list(shard.stat_names)
+    if covered == 0:  # no snapshot yet: its arrays are zeros, not a state
+        if topk is not None:
+            topk.load_state_dict(TopKSamples(*topk.shape, k=topk.k).state_dict())
+        if agg is not None:
+            agg.load_state_dict(Aggregates(agg.shape).state_dict())
     with h5py.File(shard.path, "r", swmr=True) as f:
         stats = f[schema.layer_path(layer, len(shard.layers))][schema.STATS]
         stats.refresh()

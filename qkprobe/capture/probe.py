@@ -291,9 +291,10 @@ class Probe:
                 def stacked(prefix, g=g):
                     names = [k[len(prefix):] for k in snaps[g.layers[0]] if k.startswith(prefix)]
                     return {n: np.stack([snaps[i][prefix + n] for i in g.layers]) for n in names}
-                g.topk.load_state_dict(stacked("topk_"))
-                g.agg.load_state_dict(stacked("agg_"))
                 covered = int(snaps[g.layers[0]].get(SNAPSHOT_ROWS, self.samples))
+                if covered > 0:  # 0: no snapshot yet (its arrays are zeros); the fresh state it is
+                    g.topk.load_state_dict(stacked("topk_"))
+                    g.agg.load_state_dict(stacked("agg_"))
                 self._replay(run, g, covered)
 
     def _replay(self, run, g: "_Group", covered: int, chunk: int = 256) -> None:
