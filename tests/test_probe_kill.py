@@ -71,3 +71,21 @@ def test_kill_9_between_snapshots_then_resume_equals_an_uninterrupted_run(tmp_pa
                 np.testing.assert_allclose(mine[name], theirs[name], rtol=1e-10, atol=1e-12)
     assert len(set(counts)) > 3  # the kills landed at different moments
     assert lagging >= 3  # and often between snapshots: rows were replayed
+
+
+def test_snapshot_is_written_on_its_interval_and_at_close_not_every_batch(tmp_path):
+    model, batches = pk.make_model(), pk.make_batches()
+    for every, mid in ((3600.0, 0), (0.0, 3 * pk.BATCH)):
+        path = tmp_path / f"every{every}.h5"
+        probe = qkprobe.attach(model, str(path), top_samples=pk.TOP, snapshot_every_s=every)
+        for ids, x in batches[:3]:
+            probe.set_ids(ids)
+            model(x)
+        probe.writer.commit(wait=True)
+        with qkprobe.open_run(str(path)) as run:  # a live reader
+            assert len(run) == 3 * pk.BATCH
+            assert int(run.snapshot(0, "snapshot_rows")) == mid
+        probe.close()
+        with qkprobe.open_run(str(path)) as run:
+            assert int(run.snapshot(0, "snapshot_rows")) == 3 * pk.BATCH
+            assert (run.snapshot(0, "topk_index") >= 0).all()
