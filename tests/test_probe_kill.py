@@ -89,3 +89,20 @@ def test_snapshot_is_written_on_its_interval_and_at_close_not_every_batch(tmp_pa
         with qkprobe.open_run(str(path)) as run:
             assert int(run.snapshot(0, "snapshot_rows")) == 3 * pk.BATCH
             assert (run.snapshot(0, "topk_index") >= 0).all()
+
+
+def test_file_from_before_snapshot_rows_resumes_with_a_snapshot_every_batch(tmp_path, monkeypatch):
+    import qkprobe.capture.probe as probe_module
+    model, batches = pk.make_model(), pk.make_batches()
+    path = tmp_path / "old.h5"
+    with monkeypatch.context() as m:  # as the probe made files before snapshot_rows
+        m.setattr(probe_module, "_declares_snapshot_rows", lambda path, resume: False)
+        pk.record(model, batches[:3], path)
+    with qkprobe.open_run(str(path)) as run:
+        assert "snapshot_rows" not in run.snapshot_names(0)
+    pk.record(model, batches, path, resume=True)
+    ids, got = snapshots(path, len(model.blocks))
+    pk.record(model, batches, tmp_path / "ref.h5")
+    ref_ids, ref = snapshots(tmp_path / "ref.h5", len(model.blocks))
+    assert ids == ref_ids and "snapshot_rows" not in got[0]
+    np.testing.assert_array_equal(got[1]["topk_index"], ref[1]["topk_index"])

@@ -210,10 +210,12 @@ class Probe:
         self.tensorboard = tensorboard
         self._add_series_point(step=-1)
         self.writer = None
+        self._snapshot_rows_stored = True
         self.out = out
         self.rank, self.world = rank_and_world()
         if out is not None:
             path = shard_path(out, self.rank) if self.world > 1 else out
+            self._snapshot_rows_stored = _declares_snapshot_rows(path, resume)
             self.writer = self._open_writer(path, metadata or {}, resume, chunk_rows)
             if resume:
                 self._load_state()
@@ -266,7 +268,8 @@ class Probe:
             snap = {f"topk_{k}": (v.shape, v.dtype) for k, v in self._topk(l).state_dict().items()}
             snap.update({f"agg_{k}": (v.shape, v.dtype) for k, v in self._agg(l).state_dict().items()})
             snap["nonfinite_values"] = ((), np.dtype(np.int64))
-            snap[SNAPSHOT_ROWS] = ((), np.dtype(np.int64))
+            if self._snapshot_rows_stored:
+                snap[SNAPSHOT_ROWS] = ((), np.dtype(np.int64))
             attrs = {k: v for k, v in bases_attrs(l.bases).items() if k != "name"}
             attrs["heads"] = None if l.heads is None else l.heads.tolist()
             H = l.bases.num_heads
@@ -491,7 +494,8 @@ class Probe:
             for j, i in enumerate(g.layers):
                 snaps[i] = {name: v[j] for name, v in state.items()}
                 snaps[i]["nonfinite_values"] = np.int64(nonfinite[j])
-                snaps[i][SNAPSHOT_ROWS] = np.int64(self.samples + B)
+                if self._snapshot_rows_stored:
+                    snaps[i][SNAPSHOT_ROWS] = np.int64(self.samples + B)
         self.samples += B
         if self.writer is not None:
             self._hand_off(dict(ids=ids, rows=rows if self.options.per_sample else None, steps=[self._step] * B,
@@ -500,7 +504,11 @@ class Probe:
     # ------------------------------------------------------------------ hand-off to the writer
     def _snapshot_due(self) -> bool:
         """Whether this batch carries a snapshot of top-k and aggregates (every snapshot_every_s)."""
-        if self.writer is None or time.monotonic() - self._last_snapshot < self.options.snapshot_every_s:
+        if self.writer is None:
+            return False
+        if not self._snapshot_rows_stored:  # a file from before snapshot_rows: a snapshot every batch, as made
+            return True
+        if time.monotonic() - self._last_snapshot < self.options.snapshot_every_s:
             return False
         self._last_snapshot = time.monotonic()
         return True
@@ -568,7 +576,8 @@ class Probe:
             for j, i in enumerate(g.layers):
                 snaps[i] = {name: v[j] for name, v in state.items()}
                 snaps[i]["nonfinite_values"] = np.int64(nonfinite[j])
-                snaps[i][SNAPSHOT_ROWS] = np.int64(self.samples)
+                if self._snapshot_rows_stored:
+                    snaps[i][SNAPSHOT_ROWS] = np.int64(self.samples)
         self.writer.write([], self._empty_rows(), snapshot=snaps, series=self._take_series())
 
     # ------------------------------------------------------------------ training
@@ -631,6 +640,20 @@ class Probe:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _declares_snapshot_rows(path, resume: bool) -> bool:
+    """Whether the run file declares ``snapshot_rows``: new files do; a file resumed from before it
+    existed (a snapshot with every batch) is continued as it was made."""
+    import os
+    if not (resume and os.path.exists(path)):
+        return True
+    from ..sinks.run_file import open_run
+    try:
+        with open_run(path) as run:
+            return SNAPSHOT_ROWS in run.snapshot_names(0)
+    except Exception:  # noqa: BLE001 - the writer's own checks report what is wrong with the file
+        return True
 
 
 def _fold_windows(st: Tensor, B: int) -> Tensor:
