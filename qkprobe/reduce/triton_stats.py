@@ -99,13 +99,20 @@ if triton is not None:
             hi = tl.maximum(hi, tl.max(big, axis=0))
             lo = tl.minimum(lo, tl.min(small, axis=0))
             nan = tl.maximum(nan, tl.max(tl.where(valid & (a != a), 1, 0), axis=0))
-            for _t in range(K):  # merge the block: k extractions of each sign
+            # merge the block into each list by extractions, as many as the block has entries
+            # beating the list's weakest in some mode (at most k; after the first blocks, few)
+            weakest = tl.min(top, axis=0)
+            need = tl.minimum(tl.max(tl.sum((big > weakest[None, :]).to(tl.int32), axis=0), axis=0), K)
+            for _t in range(need):
                 m = tl.max(big, axis=0)
                 im = tl.argmax(big, axis=0)
                 big = tl.where(rows[:, None] == im[None, :], float("-inf"), big)
                 weakest = tl.min(top, axis=0)
                 iw = tl.argmin(top, axis=0)
                 top = tl.where((slot == iw[None, :]) & (m > weakest)[None, :], m[None, :], top)
+            strongest = tl.max(bot, axis=0)
+            need = tl.minimum(tl.max(tl.sum((small < strongest[None, :]).to(tl.int32), axis=0), axis=0), K)
+            for _t in range(need):
                 s = tl.min(small, axis=0)
                 js = tl.argmin(small, axis=0)
                 small = tl.where(rows[:, None] == js[None, :], float("inf"), small)
