@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 BATCHES, BATCH = 30, 2
-SNAPSHOT_S = 0.04
+SNAPSHOT_S = 0.15  # several batches between snapshots, so kills land between them
 TOP = 4
 
 
@@ -76,7 +76,7 @@ def serve(folder, reps, seed):
             finally:
                 os._exit(0)
         os.close(w)
-        time.sleep(rng.uniform(0.0, 0.5))
+        time.sleep(rng.uniform(0.0, 0.7))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         with os.fdopen(r) as pipe:
