@@ -474,7 +474,7 @@ class Probe:
                 st = torch.stack(per_layer)
             for l in layers:
                 l.pending = []
-            index = torch.arange(self.samples, self.samples + B, device=st.device)
+            index = range(self.samples, self.samples + B)  # known on the host: no device read in top-k
             batch_first = st.movedim(0, 1)  # (B, L, H, R, S), a view
             g.topk.update_columns(batch_first, STAT_INDEX["score_pos"], STAT_INDEX["score_neg"], index)
             stored = None if len(self.stat_names) == len(STAT_NAMES) else self._stat_cols.to(st.device)
