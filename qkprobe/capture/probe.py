@@ -628,10 +628,12 @@ class Probe:
             h.remove()
         self._capture.__exit__(None, None, None)
         if self.writer is not None:
-            self._final_snapshot()
-            if self._pending_series:
-                self.writer.write([], self._empty_rows(), series=self._take_series())
-            self.writer.close()
+            try:
+                self._final_snapshot()
+                if self._pending_series:
+                    self.writer.write([], self._empty_rows(), series=self._take_series())
+            finally:  # a writer that failed still closes its file
+                self.writer.close()
             if self.world > 1:
                 finish_shards(self.out, self.rank, self.world)
 
