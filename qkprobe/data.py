@@ -168,12 +168,29 @@ def collate(batch: Sequence[Tuple[torch.Tensor, str, bool, str]]):
 
 
 def make_loader(paths: Sequence[str], transform, batch_size: int = 32, workers: int = 0,
-                labels: Optional[Sequence[str]] = None) -> DataLoader:
+                labels: Optional[Sequence[str]] = None, pin_memory: bool = False,
+                prefetch: Optional[int] = None) -> DataLoader:
     """A DataLoader over :class:`ImageDataset` in path order, yielding ``(images, paths, ok, reasons)``,
-    or ``(images, paths, ok, reasons, labels)`` when ``labels`` (one class label per path) are given."""
+    or ``(images, paths, ok, reasons, labels)`` when ``labels`` (one class label per path) are given.
+
+    ``pin_memory`` (for a CUDA model: batches arrive page-locked, copied asynchronously) and
+    ``prefetch`` (batches loaded ahead per worker) are passed on to the DataLoader."""
     dataset = ImageDataset(paths, transform) if labels is None else LabelledImageDataset(paths, labels, transform)
+    workers = max(0, int(workers))
+    extra = {"prefetch_factor": int(prefetch)} if prefetch and workers > 0 else {}
     return DataLoader(dataset, batch_size=max(1, int(batch_size)), shuffle=False,
-                      num_workers=max(0, int(workers)), collate_fn=collate, drop_last=False)
+                      num_workers=workers, collate_fn=collate, drop_last=False, pin_memory=bool(pin_memory),
+                      persistent_workers=False, **extra)
+
+
+def default_workers() -> int:
+    """Decoding processes for ``qkprobe run``: one per usable CPU core but one (for the main
+    process), at most 16; 0 (decode in the main process) on a single core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return 0 if cores <= 1 else min(cores - 1, 16)
 
 
 # ----------------------------------------------------------------------------- class labels

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, TypeVar
 import h5py
 import hdf5plugin  # noqa: F401  (the shards' stats may be Blosc-compressed)
 import numpy as np
+import torch
 
 from .core.streaming import Aggregates, TopKSamples
 from .errors import RunFileError
@@ -347,6 +348,7 @@ def _merge_snapshots(shards: List[_Shard], offsets: List[int], layer: int) -> Di
                      "index": _global_index(values["topk_index"], offset, shard)}
             one = TopKSamples(*state["scores"].shape[:2], k=state["scores"].shape[-1])
             one.load_state_dict(state)
+            _replay_after_snapshot(shard, layer, values, offset, topk=one)
             if topk is None:
                 topk = one
             else:
@@ -355,12 +357,15 @@ def _merge_snapshots(shards: List[_Shard], offsets: List[int], layer: int) -> Di
         if agg_fields:
             one = Aggregates(agg_fields["count"].shape)
             one.load_state_dict(agg_fields)
+            _replay_after_snapshot(shard, layer, values, offset, agg=one)
             if agg is None:
                 agg = one
             else:
                 agg.merge(one)
         if "nonfinite_values" in names:
             out["nonfinite_values"] = out.get("nonfinite_values", 0) + values["nonfinite_values"]
+        if "snapshot_rows" in names:  # rows each shard's state covers (all of them, once it closed)
+            out["snapshot_rows"] = out.get("snapshot_rows", 0) + values["snapshot_rows"]
     if topk is not None:
         out.update({f"topk_{k}": v for k, v in topk.state_dict().items()})
     if agg is not None:
@@ -370,6 +375,30 @@ def _merge_snapshots(shards: List[_Shard], offsets: List[int], layer: int) -> Di
         raise RunFileError(f"Shard {shards[0].path} has snapshot arrays {sorted(unknown)} that merge does "
                            f"not know how to combine; merge only files written by qkprobe's probe.")
     return out
+
+
+def _replay_after_snapshot(shard: _Shard, layer: int, values: Dict[str, np.ndarray], offset: int,
+                           topk: Optional[TopKSamples] = None, agg: Optional[Aggregates] = None) -> None:
+    """A shard killed between snapshots: fold its rows committed after the snapshot (the probe's
+    ``snapshot_rows``) into its state, as a resume does; nothing to fold without stored rows."""
+    covered = int(values.get("snapshot_rows", shard.rows))
+    if covered >= shard.rows or not shard.per_sample or shard.stats_shape[layer] is None:
+        return
+    names = list(shard.stat_names)
+    if covered == 0:  # no snapshot yet: its arrays are zeros, not a state
+        if topk is not None:
+            topk.load_state_dict(TopKSamples(*topk.shape, k=topk.k).state_dict())
+        if agg is not None:
+            agg.load_state_dict(Aggregates(agg.shape).state_dict())
+    with h5py.File(shard.path, "r", swmr=True) as f:
+        stats = f[schema.layer_path(layer, len(shard.layers))][schema.STATS]
+        stats.refresh()
+        x = torch.as_tensor(np.asarray(stats[covered:shard.rows], dtype=np.float32))  # (B, H, R, S)
+    if topk is not None and {"score_pos", "score_neg"} <= set(names):
+        index = torch.arange(offset + covered, offset + shard.rows)
+        topk.update_columns(x, names.index("score_pos"), names.index("score_neg"), index)
+    if agg is not None:
+        agg.update(x)
 
 
 def _global_index(index: np.ndarray, offset: int, shard: _Shard) -> np.ndarray:

@@ -39,3 +39,7 @@ class InterventionError(QKProbeError):
 
 class TransformError(QKProbeError):
     """Image preprocessing options that cannot be applied (e.g. --mean with no transform to change)."""
+
+
+class BackendError(QKProbeError):
+    """A statistics backend that does not exist or cannot run on the model's device."""

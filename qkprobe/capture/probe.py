@@ -17,6 +17,7 @@ The model's outputs and gradients are unchanged; ``close()`` removes every hook.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -30,10 +31,13 @@ from ..core.stats import ATTENTION_STATS, DEFAULT_STATS, STAT_INDEX, STAT_NAMES,
 from ..core import native
 from ..core.streaming import Aggregates, TopKSamples
 from ..distributed import finish_shards, rank_and_world, shard_path
+from ..reduce.backend import resolve as resolve_backend
 from .attention import ShareInputs, attention_terms, share_inputs
 from .coordinates import per_head_matmul, capture_qk
 
 Tensor = torch.Tensor
+#: snapshot array: how many rows of the file the top-k and aggregates of the snapshot cover
+SNAPSHOT_ROWS = "snapshot_rows"
 
 
 @dataclass
@@ -54,6 +58,11 @@ class ProbeOptions:
     paper's map statistics and scores without ``attn_contrib`` / ``attn_share``, which cost one
     more attention pass per layer (on CPU about as much as the model's own attention). Top-k
     optimal samples use the scores either way.
+    backend: who computes the statistics: "auto" (Triton kernels for CUDA tensors, the compiled
+    C kernels on the CPU, else torch), "torch", "native" or "triton" (:mod:`qkprobe.reduce`).
+    snapshot_every_s: seconds between writes of the top-k and aggregate snapshot (also written
+    at close); rows are committed every batch. backend and snapshot_every_s change how, not what,
+    a probe records: they are not part of :meth:`record` (a resume may change them).
     """
 
     layers: Optional[List[Union[int, str]]] = None
@@ -67,9 +76,15 @@ class ProbeOptions:
     compression: Optional[str] = "blosc-lz4"
     refresh_every: Optional[int] = None
     stats: Union[None, str, List[str]] = None
+    backend: str = "auto"
+    snapshot_every_s: float = 5.0
 
     def record(self) -> Dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_OPTIONS}
+
+
+#: ProbeOptions fields that do not change what is recorded (left out of the stored options)
+RUNTIME_OPTIONS = ("backend", "snapshot_every_s")
 
 
 @dataclass
@@ -114,6 +129,12 @@ class _Group:
     topk: TopKSamples    # (L, H, R, 2, K)
     agg: Aggregates      # (L, H, R, S)
     buffer: Optional[Tensor] = None  # (L, B, H, R, len(STAT_NAMES)): every layer's statistics of a forward
+    # CUDA rows in flight (probe._rows_to_host): two pinned host buffers, the next one to use, a spare
+    # device buffer, and the event of the last copy out of each device buffer
+    pinned: Optional[List[Tensor]] = None
+    turn: int = 0
+    spare: Optional[Tensor] = None
+    copied: Dict[int, Any] = field(default_factory=dict)
 
     def slot(self, j: int, rows: int, device) -> Tensor:
         """Layer j's (rows, H, R, len(STAT_NAMES)) entry of the buffer, reused across forwards."""
@@ -156,6 +177,7 @@ class Probe:
         by_name = {b.name: b for b in bases} if bases is not None else {}
         chosen = self._select(sites, self.options.layers)
         device = _model_device(model)
+        self._backends = {device: resolve_backend(self.options.backend, device)}  # a forced one fails here
         shapes: Dict[tuple, List[tuple]] = {}
         for index, site in enumerate(chosen):
             lb = by_name.get(site.name) or layer_bases(site, model, n_prefix=n_prefix)
@@ -190,14 +212,18 @@ class Probe:
         self.tensorboard = tensorboard
         self._add_series_point(step=-1)
         self.writer = None
+        self._snapshot_rows_stored = True
         self.out = out
         self.rank, self.world = rank_and_world()
         if out is not None:
             path = shard_path(out, self.rank) if self.world > 1 else out
+            self._snapshot_rows_stored = _declares_snapshot_rows(path, resume)
             self.writer = self._open_writer(path, metadata or {}, resume, chunk_rows)
             if resume:
                 self._load_state()
         self._batch: Optional[int] = None
+        self._last_snapshot = time.monotonic()
+        self._in_flight: Optional[dict] = None  # a CUDA batch whose rows are still being copied to the host
         self.paused = False  # True: forwards are neither recorded nor counted (evaluation)
         self._handles = [model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
                          model.register_forward_hook(self._on_forward_end)]
@@ -244,6 +270,8 @@ class Probe:
             snap = {f"topk_{k}": (v.shape, v.dtype) for k, v in self._topk(l).state_dict().items()}
             snap.update({f"agg_{k}": (v.shape, v.dtype) for k, v in self._agg(l).state_dict().items()})
             snap["nonfinite_values"] = ((), np.dtype(np.int64))
+            if self._snapshot_rows_stored:
+                snap[SNAPSHOT_ROWS] = ((), np.dtype(np.int64))
             attrs = {k: v for k, v in bases_attrs(l.bases).items() if k != "name"}
             attrs["heads"] = None if l.heads is None else l.heads.tolist()
             H = l.bases.num_heads
@@ -264,12 +292,34 @@ class Probe:
         with open_run(self.writer.path) as run:
             self.samples = len(run)
             snaps = [{k: run.snapshot(i, k) for k in run.snapshot_names(i)} for i in range(len(self.layers))]
-        for g in self.groups:  # one state per group: stack its layers' snapshots
-            def stacked(prefix, g=g):
-                names = [k[len(prefix):] for k in snaps[g.layers[0]] if k.startswith(prefix)]
-                return {n: np.stack([snaps[i][prefix + n] for i in g.layers]) for n in names}
-            g.topk.load_state_dict(stacked("topk_"))
-            g.agg.load_state_dict(stacked("agg_"))
+            for g in self.groups:  # one state per group: stack its layers' snapshots
+                def stacked(prefix, g=g):
+                    names = [k[len(prefix):] for k in snaps[g.layers[0]] if k.startswith(prefix)]
+                    return {n: np.stack([snaps[i][prefix + n] for i in g.layers]) for n in names}
+                covered = int(snaps[g.layers[0]].get(SNAPSHOT_ROWS, self.samples))
+                if covered > 0:  # 0: no snapshot yet (its arrays are zeros); the fresh state it is
+                    g.topk.load_state_dict(stacked("topk_"))
+                    g.agg.load_state_dict(stacked("agg_"))
+                self._replay(run, g, covered)
+
+    def _replay(self, run, g: "_Group", covered: int, chunk: int = 256) -> None:
+        """Fold the rows committed after the snapshot (``covered`` rows) into the group's state.
+
+        Exact for float32 rows; float16 rows enter at their stored precision. Without stored rows
+        (``per_sample=False``) or scores, those images stay in the file but not in top-k and
+        aggregates (nothing to replay them from)."""
+        n = len(run)
+        names = list(run.stat_names)
+        if covered >= n or not self.options.per_sample or not {"score_pos", "score_neg"} <= set(names):
+            return
+        device = g.topk.scores.device
+        for start in range(covered, n, chunk):
+            rows = slice(start, min(n, start + chunk))
+            x = torch.as_tensor(np.stack([run.stats(i, rows=rows) for i in g.layers], 1), dtype=torch.float32)
+            x = x.to(device)  # (B, L, H, R, S stored)
+            index = torch.arange(rows.start, rows.stop, device=device)
+            g.topk.update_columns(x, names.index("score_pos"), names.index("score_neg"), index)
+            g.agg.update(x)
 
     # ------------------------------------------------------------------ user API
     def set_ids(self, ids: Sequence, labels: Optional[Sequence] = None) -> None:
@@ -346,6 +396,8 @@ class Probe:
     def _on_qk(self, i: int, q: Tensor, k: Tensor, info: Dict[str, Any]) -> None:
         if not self._recording:
             return
+        if self._reduce_elsewhere(i, q, k, info):  # backend "triton", or "torch" over the C kernels
+            return
         l = self.layers[i]
         with torch.no_grad():
             q, k = q.float(), k.float()
@@ -363,6 +415,33 @@ class Probe:
             if l.heads is not None:
                 st = st.index_select(1, l.heads.to(st.device))
             l.pending.append(st)  # NaN/Inf from q or k are counted by the aggregates
+
+    def _reduce_elsewhere(self, i: int, q: Tensor, k: Tensor, info: Dict[str, Any]) -> bool:
+        """The one dispatch point of the statistics backends; False: the default path of _on_qk."""
+        backend = self._backends.get(q.device)
+        if backend is None:
+            backend = self._backends[q.device] = resolve_backend(self.options.backend, q.device)
+        if backend == "torch" and native.enabled():
+            with native.disabled():
+                self._on_qk(i, q, k, info)
+            return True
+        if backend != "triton":
+            return False
+        from ..reduce.triton_stats import mode_statistics_qk
+        l = self.layers[i]
+        with torch.no_grad():
+            coord_q, coord_k, S, _ = l.float_maps(q.device)
+            bias = info.get("rel_pos_bias")
+            direct = l.heads is None and not l.pending
+            st = mode_statistics_qk(q, k, coord_q, coord_k, S, l.bases.scale,
+                                    prefix_tokens=l.bases.prefix_tokens or 0,
+                                    include_prefix=self.options.include_prefix, topk=self.options.topk,
+                                    attn_bias=bias, attention=self._attention,
+                                    out=l.group.slot(l.slot, q.shape[0], q.device) if direct else None)
+            if l.heads is not None:
+                st = st.index_select(1, l.heads.to(st.device))
+            l.pending.append(st)
+        return True
 
     def _on_forward_end(self, module, args, output):
         if not self._recording:
@@ -387,6 +466,8 @@ class Probe:
             raise ValueError(f"set_ids gave {len(labels)} labels for a batch of {B} samples")
         rows: List[Any] = [None] * len(self.layers)
         snaps: List[Any] = [None] * len(self.layers)
+        due = self._snapshot_due()
+        ready = None  # CUDA: event of the asynchronous row copies of this batch
         for g in self.groups:
             layers = [self.layers[i] for i in g.layers]
             if g.filled(layers, B):
@@ -401,7 +482,7 @@ class Probe:
                 st = torch.stack(per_layer)
             for l in layers:
                 l.pending = []
-            index = torch.arange(self.samples, self.samples + B, device=st.device)
+            index = range(self.samples, self.samples + B)  # known on the host: no device read in top-k
             batch_first = st.movedim(0, 1)  # (B, L, H, R, S), a view
             g.topk.update_columns(batch_first, STAT_INDEX["score_pos"], STAT_INDEX["score_neg"], index)
             stored = None if len(self.stat_names) == len(STAT_NAMES) else self._stat_cols.to(st.device)
@@ -409,9 +490,11 @@ class Probe:
             if self.writer is None:
                 continue
             if self.options.per_sample:
-                host = st.cpu().numpy()
+                host, ready = self._rows_to_host(g, st, ready)
                 for j, i in enumerate(g.layers):
                     rows[i] = host[j][..., self._row_cols]  # copied by writer.write
+            if not due:
+                continue
             # views of the live state: writer.write copies them before this method returns
             state = {f"topk_{k}": v for k, v in g.topk.state_dict(copy=False).items()}
             state.update({f"agg_{k}": v for k, v in g.agg.state_dict(copy=False).items()})
@@ -419,10 +502,91 @@ class Probe:
             for j, i in enumerate(g.layers):
                 snaps[i] = {name: v[j] for name, v in state.items()}
                 snaps[i]["nonfinite_values"] = np.int64(nonfinite[j])
+                if self._snapshot_rows_stored:
+                    snaps[i][SNAPSHOT_ROWS] = np.int64(self.samples + B)
         self.samples += B
         if self.writer is not None:
-            self.writer.write(ids, rows if self.options.per_sample else None, steps=[self._step] * B,
-                              snapshot=snaps, series=self._take_series(), labels=labels)
+            self._hand_off(dict(ids=ids, rows=rows if self.options.per_sample else None, steps=[self._step] * B,
+                                snapshot=snaps if due else None, series=self._take_series(), labels=labels), ready)
+
+    # ------------------------------------------------------------------ hand-off to the writer
+    def _snapshot_due(self) -> bool:
+        """Whether this batch carries a snapshot of top-k and aggregates (every snapshot_every_s)."""
+        if self.writer is None:
+            return False
+        if not self._snapshot_rows_stored:  # a file from before snapshot_rows: a snapshot every batch, as made
+            return True
+        if time.monotonic() - self._last_snapshot < self.options.snapshot_every_s:
+            return False
+        self._last_snapshot = time.monotonic()
+        return True
+
+    def _rows_to_host(self, g: "_Group", st: Tensor, ready):
+        """The rows (L, B, H, R, S) as a host array. CPU: a view (the writer copies it). CUDA: an
+        asynchronous copy into a reused pinned buffer on a side stream; ``ready`` is the event the
+        writer waits for. The group's device buffer is swapped for a spare so the next forward
+        never overwrites rows still being copied."""
+        if st.device.type != "cuda":
+            return st.cpu().numpy(), ready
+        main = torch.cuda.current_stream(st.device)
+        if getattr(self, "_copy_stream", None) is None:
+            self._copy_stream = torch.cuda.Stream(st.device)
+        pinned = g.pinned
+        if pinned is None or pinned[0].shape != st.shape:
+            pinned = g.pinned = [torch.empty(st.shape, dtype=st.dtype, pin_memory=True) for _ in range(2)]
+            g.turn = 0
+        if self._in_flight is not None:  # its rows still sit in the other pinned buffer
+            self._write_in_flight()
+        buf = pinned[g.turn]
+        g.turn ^= 1
+        self._copy_stream.wait_stream(main)  # the statistics of this forward are written
+        with torch.cuda.stream(self._copy_stream):
+            buf.copy_(st, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        st.record_stream(self._copy_stream)  # its memory is not reused before the copy is done
+        copied = g.copied  # device buffer → event of its last copy
+        copied[st.data_ptr()] = ready
+        if g.buffer is not None and st.data_ptr() == g.buffer.data_ptr():  # next forward: the spare buffer
+            g.buffer, g.spare = g.spare, g.buffer
+            if g.buffer is not None and g.buffer.data_ptr() in copied:
+                main.wait_event(copied[g.buffer.data_ptr()])  # on the device only: no host wait
+        return buf.numpy(), ready
+
+    def _hand_off(self, batch: dict, ready) -> None:
+        """To the writer now (CPU, or with a snapshot), else once the row copy is done (at the next
+        batch or at close): the forward never waits for the device→host copy."""
+        if self._in_flight is not None and (ready is None or batch["snapshot"] is not None):
+            self._write_in_flight()
+        if ready is None or batch["snapshot"] is not None:
+            if ready is not None:
+                ready.synchronize()
+            self.writer.write(batch.pop("ids"), batch.pop("rows"), **batch)
+            return
+        self._in_flight = dict(batch, ready=ready)
+
+    def _write_in_flight(self) -> None:
+        batch, self._in_flight = self._in_flight, None
+        batch.pop("ready").synchronize()
+        self.writer.write(batch.pop("ids"), batch.pop("rows"), **batch)
+
+    def _final_snapshot(self) -> None:
+        """At close: the batch in flight, then the snapshot of the final state if the last one is older."""
+        if self._in_flight is not None:
+            self._write_in_flight()
+        if self.writer is None:
+            return
+        snaps: List[Any] = [None] * len(self.layers)
+        for g in self.groups:
+            state = {f"topk_{k}": v for k, v in g.topk.state_dict(copy=False).items()}
+            state.update({f"agg_{k}": v for k, v in g.agg.state_dict(copy=False).items()})
+            nonfinite = g.nonfinite_per_layer()
+            for j, i in enumerate(g.layers):
+                snaps[i] = {name: v[j] for name, v in state.items()}
+                snaps[i]["nonfinite_values"] = np.int64(nonfinite[j])
+                if self._snapshot_rows_stored:
+                    snaps[i][SNAPSHOT_ROWS] = np.int64(self.samples)
+        self.writer.write([], self._empty_rows(), snapshot=snaps, series=self._take_series())
 
     # ------------------------------------------------------------------ training
     def refresh(self, step: Optional[int] = None) -> None:
@@ -472,9 +636,12 @@ class Probe:
             h.remove()
         self._capture.__exit__(None, None, None)
         if self.writer is not None:
-            if self._pending_series:
-                self.writer.write([], self._empty_rows(), series=self._take_series())
-            self.writer.close()
+            try:
+                self._final_snapshot()
+                if self._pending_series:
+                    self.writer.write([], self._empty_rows(), series=self._take_series())
+            finally:  # a writer that failed still closes its file
+                self.writer.close()
             if self.world > 1:
                 finish_shards(self.out, self.rank, self.world)
 
@@ -483,6 +650,20 @@ class Probe:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _declares_snapshot_rows(path, resume: bool) -> bool:
+    """Whether the run file declares ``snapshot_rows``: new files do; a file resumed from before it
+    existed (a snapshot with every batch) is continued as it was made."""
+    import os
+    if not (resume and os.path.exists(path)):
+        return True
+    from ..sinks.run_file import open_run
+    try:
+        with open_run(path) as run:
+            return SNAPSHOT_ROWS in run.snapshot_names(0)
+    except Exception:  # noqa: BLE001 - the writer's own checks report what is wrong with the file
+        return True
 
 
 def _fold_windows(st: Tensor, B: int) -> Tensor:

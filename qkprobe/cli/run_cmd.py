@@ -27,7 +27,8 @@ def add_parsers(sub) -> None:
                                     "labels of a --list file)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes (default: one per CPU core but one, at most 16)")
     p.add_argument("--resume", action="store_true", help="continue a killed run: write exactly the missing images")
     p.add_argument("--topk", type=int, default=16, help="optimal images kept per layer, head, mode and sign")
     p.add_argument("--topk-mean", type=int, default=5, help="k of the top-k-mean statistics")
@@ -37,6 +38,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--stats", help="'all', or comma-separated statistics to store (default: the map statistics "
                                    "and scores; 'all' adds attn_contrib,attn_share, one more attention pass "
                                    "per layer)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"],
+                   help="who computes the statistics: auto (Triton on CUDA, compiled C kernels on the CPU), "
+                        "or force one")
+    p.add_argument("--snapshot-every", type=float, default=5.0, metavar="SECONDS",
+                   help="seconds between snapshots of the top-k and aggregates (rows are committed every batch)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print the committed row count after every batch")
     add_transform_args(p)
@@ -87,6 +93,14 @@ def _stats_option(text: Optional[str]):
     if not text:
         return None
     return "all" if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _loader_options(workers: Optional[int], cuda: bool) -> dict:
+    """DataLoader settings: workers from the machine unless given; on CUDA pinned batches and a
+    deeper prefetch, so decoding and the host→device copy overlap the forward pass."""
+    from ..data import default_workers
+    workers = default_workers() if workers is None else max(0, int(workers))
+    return {"workers": workers, "pin_memory": cuda, "prefetch": 4 if cuda and workers > 0 else None}
 
 
 def _check_resumable(path: str, meta: dict, options: dict) -> None:
@@ -240,7 +254,8 @@ def _run(args, group: Optional[_Group]) -> int:
         raise RunFileError(f"{args.spec} has no image preprocessing; qkprobe run needs a vision model.")
     options = ProbeOptions(top_samples=args.topk, topk=args.topk_mean, per_sample=not args.no_per_sample,
                            include_prefix=args.include_prefix, store_dtype=args.store_dtype,
-                           stats=_stats_option(args.stats))
+                           stats=_stats_option(args.stats), backend=args.backend,
+                           snapshot_every_s=args.snapshot_every)
     meta["versions"] = versions()
     done = set()
     total = len(paths)
@@ -267,8 +282,9 @@ def _run(args, group: Optional[_Group]) -> int:
               f"already in {args.out}", flush=True)
     probe = attach(model, args.out, options=options, metadata=meta, resume=args.resume,
                    chunk_rows=min(max(args.batch_size, 8), 256))
-    loader = make_loader(paths, transform, batch_size=args.batch_size, workers=args.workers,
-                         labels=None if label_of is None else [label_of.get(p, "") for p in paths])
+    loader = make_loader(paths, transform, batch_size=args.batch_size,
+                         labels=None if label_of is None else [label_of.get(p, "") for p in paths],
+                         **_loader_options(args.workers, str(args.device).startswith("cuda")))
     t0, seen = time.perf_counter(), 0
     lead = group is None or group.rank == 0
     bar = tqdm(total=len(paths), unit="img", disable=args.no_progress or not lead, desc="qkprobe run")
@@ -282,7 +298,8 @@ def _run(args, group: Optional[_Group]) -> int:
                 if keep:
                     probe.set_ids([id_of[batch_paths[i]] for i in keep],
                                   labels=[batch_labels[0][i] for i in keep] if batch_labels else None)
-                    model(images[keep].to(args.device))
+                    images = images if len(keep) == len(batch_paths) else images[keep]
+                    model(images.to(args.device, non_blocking=True))
                 seen += len(batch_paths)
                 if args.verbose:
                     where = "" if group is None else f"rank {group.rank} "

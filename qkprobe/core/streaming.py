@@ -21,7 +21,7 @@ Tensor = torch.Tensor
 _LOW = 1 << 32
 
 
-def _select_topk(scores: Tensor, index: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+def _select_topk(scores: Tensor, index: Tensor, k: int, packed: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
     """The k best candidates along the last axis: highest score first, ties to the lower index.
 
     scores (..., C) float32, index (..., C) int64, C ≥ k. The tie rule makes the result
@@ -39,7 +39,9 @@ def _select_topk(scores: Tensor, index: Tensor, k: int) -> Tuple[Tensor, Tensor]
     bad = ~torch.isfinite(scores)
     scores = scores.masked_fill(bad, float("-inf"))
     index = index.masked_fill(bad, -1)
-    if index.numel() == 0 or int(index.max()) < _LOW - 2:
+    if packed is None:  # on a GPU this reads the device: callers that know the indices say so (packed=)
+        packed = index.numel() == 0 or int(index.max()) < _LOW - 2
+    if packed:
         bits = (scores + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 ties with 0.0, as in the sorts
         ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
         key = torch.topk(ordered * _LOW + (_LOW - 2 - index), k, dim=-1, sorted=True).values
@@ -83,6 +85,7 @@ class TopKSamples:
         full = (*(int(n) for n in shape), 2, self.k)
         self.scores = torch.full(full, float("-inf"), dtype=torch.float32, device=device)
         self.index = torch.full(full, -1, dtype=torch.int64, device=device)
+        self._small = True  # every index < 2³² − 2 (known on the host; see update_columns)
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -108,6 +111,13 @@ class TopKSamples:
         if tuple(stats.shape[1:-1]) != shape:
             raise ShapeError(f"scores must be (B, {', '.join(map(str, shape))}), got {tuple(stats.shape[:-1])}.")
         B = stats.shape[0]
+        # a range of sample numbers (a probe's batch) is known on the host: no device read to pick
+        # the selection route (the state's indices are known small while getattr(self, "_small"))
+        packed = None
+        if isinstance(sample_index, range):
+            packed = bool(getattr(self, "_small", False)) and (len(sample_index) == 0 or sample_index[-1] < _LOW - 2)
+            sample_index = torch.arange(sample_index.start, sample_index.stop, dtype=torch.int64,
+                                        device=self.scores.device)
         sample_index = torch.as_tensor(sample_index, dtype=torch.int64, device=self.scores.device)
         if tuple(sample_index.shape) != (B,):
             raise ShapeError(f"sample_index must be ({B},), got {tuple(sample_index.shape)}.")
@@ -118,7 +128,8 @@ class TopKSamples:
         batch = batch.movedim(0, -1)  # (H, R, 2, B)
         idx = sample_index.expand(*shape, 2, B)
         self.scores, self.index = _select_topk(torch.cat((self.scores, batch), dim=-1),
-                                               torch.cat((self.index, idx), dim=-1), self.k)
+                                               torch.cat((self.index, idx), dim=-1), self.k, packed=packed or None)
+        self._small = packed
 
     def merge(self, other: "TopKSamples") -> None:
         """Fold in another state of the same shape and k (e.g. from another rank), exactly."""
@@ -129,6 +140,7 @@ class TopKSamples:
         self.scores, self.index = _select_topk(
             torch.cat((self.scores, other.scores.to(dev)), dim=-1),
             torch.cat((self.index, other.index.to(dev)), dim=-1), self.k)
+        self._small = False  # not known on the host any more
 
     def state_dict(self, copy: bool = True) -> Dict[str, np.ndarray]:
         """scores and index as numpy arrays; ``copy=False`` may return views of the live state
@@ -143,6 +155,7 @@ class TopKSamples:
             raise ShapeError(f"top-k state of shape {tuple(scores.shape)} / {tuple(index.shape)} "
                              f"does not fit {tuple(self.scores.shape)}.")
         dev = self.scores.device
+        self._small = index.numel() == 0 or int(index.max()) < _LOW - 2  # on the host
         self.scores, self.index = scores.to(dev).clone(), index.to(dev).clone()  # updated in place later
 
 
@@ -221,7 +234,7 @@ class Aggregates:
             x = x.index_select(-1, columns.to(x.device))
         x = x.detach().to(self.mean.device, torch.float64)
         ok = torch.isfinite(x)
-        if bool(ok.all()):  # the common case, without masks
+        if x.device.type == "cpu" and bool(ok.all()):  # the common case, without masks (GPU: no device read)
             n = torch.full(self.shape, x.shape[0], dtype=torch.int64, device=x.device)
             mean = x.mean(dim=0)
             m2 = (x - mean).square().sum(dim=0)

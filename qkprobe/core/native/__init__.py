@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -43,11 +44,23 @@ N_MAP_STATS = 12  # columns written: 5 per side + 2 scores
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
+_off = threading.local()  # disabled(): the torch path on this thread
 
 
 def enabled() -> bool:
-    """Whether the compiled kernels may be used (``QKPROBE_NATIVE=0`` turns them off)."""
-    return os.environ.get("QKPROBE_NATIVE", "1") != "0"
+    """Whether the compiled kernels may be used (``QKPROBE_NATIVE=0`` or :func:`disabled` turn them off)."""
+    return os.environ.get("QKPROBE_NATIVE", "1") != "0" and not getattr(_off, "active", False)
+
+
+@contextmanager
+def disabled():
+    """Inside the block, on this thread, callers use the torch path (``backend="torch"``)."""
+    before = getattr(_off, "active", False)
+    _off.active = True
+    try:
+        yield
+    finally:
+        _off.active = before
 
 
 def _cache_dir() -> Path:
