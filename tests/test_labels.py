@@ -67,6 +67,14 @@ def test_data_labels_from_folders_and_list_files(image_folder, tmp_path):
     assert len(next(iter(make_loader(paths[:1], None)))) == 4  # without labels: the old 4-tuple
 
 
+def absolute_ids(path) -> list:
+    """The run's ids as absolute image paths (ids are relative to the image root it records)."""
+    with h5py.File(path, "r") as f:
+        root = f.attrs["image_root"]
+    with qkprobe.open_run(str(path)) as run:
+        return [os.path.normpath(os.path.join(root, i)) for i in run.ids]
+
+
 def test_run_stores_folder_labels_inspect_counts_them(image_folder, tmp_path, capsys):
     out = tmp_path / "run.h5"
     assert main(["run", SPEC, "--random-init", "--images", str(image_folder), "--out", str(out),
@@ -97,13 +105,14 @@ def test_list_file_labels_survive_resume_and_recover(image_folder, tmp_path):
                  "--no-progress"]) == 0
     with h5py.File(out, "r+", libver=schema.LIBVER) as f:   # a crash after 3 committed rows, 5 written
         f[schema.COMMITTED][0] = 3
-    with h5py.File(out, "r+", libver=schema.LIBVER) as f:
-        truncate_rows(f, 3, 0)
+    with h5py.File(out, "r+", libver=schema.LIBVER) as f:   # rows past the record dropped, series kept
+        truncate_rows(f, 3, 0, series=int(f[schema.COMMITTED][2]))
     assert main(["run", SPEC, "--random-init", "--list", str(full), "--out", str(out), "--batch-size", "4",
                  "--resume", "--no-progress"]) == 0
+    ids = absolute_ids(out)
     with qkprobe.open_run(str(out)) as run:
-        assert sorted(run.ids) == sorted(paths)
-        assert run.labels == [want[i] for i in run.ids]
+        assert sorted(ids) == sorted(paths)
+        assert run.labels == [want[i] for i in ids]
 
 
 def test_labels_file_option_and_unlabelled_runs(image_folder, tmp_path):
@@ -116,7 +125,7 @@ def test_labels_file_option_and_unlabelled_runs(image_folder, tmp_path):
                  "--out", str(out), "--batch-size", "8", "--no-progress"]) == 0
     want = {p: f"k{i % 4}" for i, p in enumerate(paths)}
     with qkprobe.open_run(str(out)) as run:
-        assert run.labels == [want[i] for i in run.ids]
+        assert run.labels == [want[i] for i in absolute_ids(out)]
     plain = tmp_path / "plain.h5"   # flat folder: no labels
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -203,5 +212,6 @@ def test_file_from_before_labels_reads_and_resumes(image_folder, tmp_path, caplo
         assert main(["run", SPEC, "--random-init", "--images", str(image_folder), "--out", str(out), "--resume",
                      "--no-progress"]) == 0
     assert "without class labels" in caplog.text
+    ids = absolute_ids(out)
     with qkprobe.open_run(str(out)) as run:
-        assert sorted(run.ids) == sorted(paths) and run.labels is None
+        assert sorted(ids) == sorted(paths) and run.labels is None

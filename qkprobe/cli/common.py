@@ -64,11 +64,12 @@ def check_device(device: str) -> None:
 
 
 def check_at_least(args, minimum: int, *names: str) -> None:
-    """Each option ``--name`` in ``names`` (attribute name_with_underscores) is at least ``minimum``."""
+    """Each option ``--name`` in ``names`` (attribute name_with_underscores) is at least ``minimum``
+    where given."""
     from ..errors import QKProbeError
     for name in names:
         value = getattr(args, name.lstrip("-").replace("-", "_"))
-        if value < minimum:
+        if value is not None and value < minimum:  # None: the option's default, chosen later
             raise QKProbeError(f"{name} must be at least {minimum}, not {value}.")
 def _floats3(text: str):
     try:

@@ -204,7 +204,10 @@ def _ids_for(args, paths: list, meta: dict, done: set) -> dict:
     images_dir = args.images if args.images or args.list else None
     if images_dir is None and not args.list:
         images_dir = _cache_dir()
-    root, ids = image_ids(paths, images_dir=images_dir, root=recorded)
+    if recorded:  # a resume: ids relative to the root the file recorded, however the images are given now
+        root, ids = image_ids(paths, root=recorded)
+    else:
+        root, ids = image_ids(paths, images_dir=images_dir)
     meta["image_root"] = root
     id_of = dict(zip(paths, ids))
     if done and recorded is None:      # ids that are paths: compare the files they name
