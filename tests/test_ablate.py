@@ -241,3 +241,22 @@ def test_ablation_plot_scales_and_labels():
     assert [t.get_text() for t in fig.axes[0].texts] == ["a"]
     fig = plot.ablation_effects(cos, share, np.array([0.0, 1e-5, 2e-5]), measure="1-cos")
     assert fig.axes[0].get_yscale() == "linear" and "1 − cos" in fig.axes[0].get_ylabel()
+
+
+def test_torchvision_named_blocks_are_reused():
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=4,
+                                                 hidden_dim=64, mlp_dim=128).eval()  # vit_b_16's class, small
+    peak_mha(model)
+    torch.nn.init.normal_(model.heads.head.weight)  # torchvision starts the classifier at zero
+    seq, i = block_of(model, "encoder.layers.encoder_layer_2.self_attention")
+    assert seq is model.encoder.layers and i == 2
+    bases = qkprobe.compute_bases(model)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    ab = Ablator(model, bases, [ModeRef(2, 3, 0)])
+    r = ab.run_batch(x)[0]
+    assert ab.kind == KL and ab.caches[2] is not None and ab.checked[2] and ab.notes == []
+    kl, _ = direct(model, x, 2, 3, 0, KL)
+    assert (kl > 1e-9).all()
+    torch.testing.assert_close(r["effect"], kl, rtol=1e-3, atol=1e-9)

@@ -138,31 +138,36 @@ def test_gradients_see_the_change():
 
 
 def test_probe_records_scaled_coordinates(tmp_path):
+    """A probe attached before or after the intervention records the intervened forward:
+    the chosen modes' a-coordinates times the scale, every other coordinate as it was."""
     model = timm_model("vit_tiny_patch16_224")
     bases = qkprobe.compute_bases(model)
+    spec, scale = {(1, 0): [0, 2]}, 0.5
     plain = qkprobe.mode_coordinates(model, X64, bases=bases)
+    with qkprobe.intervene(model, spec, scale=scale, bases=bases):
+        coords = qkprobe.mode_coordinates(model, X64, bases=bases)
+    a0, a1 = plain[1].a, coords[1].a
+    torch.testing.assert_close(a1[:, 0, :, [0, 2]], scale * a0[:, 0, :, [0, 2]], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a1[:, 0, :, 1], a0[:, 0, :, 1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a1[:, 1], a0[:, 1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(coords[1].b, plain[1].b)  # keys untouched
+    n = bases[1].prefix_tokens
     for order in ("attach_first", "intervene_first"):
-        coords = {}
-        with qkprobe.attach(model, out=str(tmp_path / f"{order}.h5")) as probe:
+        path = str(tmp_path / f"{order}.h5")
+        if order == "intervene_first":
+            iv = qkprobe.intervene(model, spec, scale=scale, bases=bases)
+        with qkprobe.attach(model, out=path) as probe:
             if order == "attach_first":
-                iv = qkprobe.intervene(model, {(1, 0): [0, 2]}, scale=0.5, bases=bases)
+                iv = qkprobe.intervene(model, spec, scale=scale, bases=bases)
             probe.set_ids(["a", "b"])
             with torch.no_grad():
                 model(X64)
-            if order == "attach_first":
-                iv.remove()
-        with qkprobe.intervene(model, {(1, 0): [0, 2]}, scale=0.5, bases=bases):
-            coords = qkprobe.mode_coordinates(model, X64, bases=bases)
-        run = qkprobe.open_run(str(tmp_path / f"{order}.h5"))
-        a0, a1 = plain[1].a, coords[1].a
-        torch.testing.assert_close(a1[:, 0, :, [0, 2]], 0.5 * a0[:, 0, :, [0, 2]], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(a1[:, 0, :, 1], a0[:, 0, :, 1], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(a1[:, 1], a0[:, 1], rtol=1e-4, atol=1e-4)
-        if order == "attach_first":
-            q_max = torch.as_tensor(run.stats(1, "q_max"))  # (rows, H, R), recorded under the intervention
-            n = bases[0].prefix_tokens
-            expect = (0.5 * a0[:, 0, n:, 0]).amax(-1)
-            torch.testing.assert_close(q_max[:, 0, 0], expect.float(), rtol=1e-4, atol=1e-4)
+            iv.remove()
+        run = qkprobe.open_run(path)
+        q_max = torch.as_tensor(run.stats(1, "q_max"))  # (rows, H, R)
+        for r, f in ((0, scale), (1, 1.0), (2, scale)):
+            torch.testing.assert_close(q_max[:, 0, r], (f * a0[:, 0, n:, r]).amax(-1).float(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(q_max[:, 1], a0[:, 1, n:].amax(-2).float(), rtol=1e-4, atol=1e-4)
 
 
 def test_several_layers_and_bad_input():
@@ -257,7 +262,8 @@ def test_open_clip_mha_equals_weight_surgery_with_gradients():
 
 def test_plain_mha_seq_first_and_native_fast_path():
     torch.manual_seed(0)
-    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0), 2).eval()
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0), 2,
+                                  enable_nested_tensor=False).eval()
     peak_mha(model)
     bases = qkprobe.compute_bases(model)
     x = torch.randn(10, 2, 32)

@@ -144,12 +144,12 @@ def compare_outputs(plain: Tensor, changed: Tensor, kind: str) -> Tuple[Tensor, 
 def block_of(model: nn.Module, name: str) -> Optional[Tuple[nn.Module, int]]:
     """(sequence container, index) of the nearest block above the module ``name`` that is an
     element of an ``nn.ModuleList`` / ``nn.Sequential`` (timm ``blocks``, HF ``encoder.layer``,
-    open_clip ``resblocks``, torchvision ``encoder.layers``), or None."""
+    open_clip ``resblocks``, torchvision ``encoder.layers`` with named children), or None."""
     parts = name.split(".")
     for k in range(len(parts) - 1, 0, -1):
         container = model.get_submodule(".".join(parts[:k - 1])) if k > 1 else model
-        if isinstance(container, (nn.ModuleList, nn.Sequential)) and parts[k - 1].isdigit():
-            return container, int(parts[k - 1])
+        if isinstance(container, (nn.ModuleList, nn.Sequential)):
+            return container, list(container._modules).index(parts[k - 1])  # torchvision names them
     return None
 
 
