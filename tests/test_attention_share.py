@@ -50,16 +50,18 @@ def far(x, ref, rel=0.02):
     assert (x - ref).abs().max().item() > rel * ref.abs().max().item()
 
 
-def check(coords, probs, contrib, shares, fold=1):
+def check(coords, probs, contrib, shares, fold=None):
+    """``fold``: windows per sample (None: from the shapes, P has B·nW rows)."""
     assert len(coords) == len(probs) == len(contrib)
     for c, p, got, got_share in zip(coords, probs, contrib, shares):
+        windows = p.shape[0] // got.shape[0] if fold is None else fold
         assert_peaked(p, 0.2)
         close(c.attention_probs(), p.float(), rel=1e-4)  # the module's probabilities, reconstructed
         want = formula(c, p)
         bilinear = formula(c, c.probs())
-        if fold > 1:  # windowed: one row per sample is the mean over its windows
-            want = want.view(-1, fold, *want.shape[1:]).mean(1)
-            bilinear = bilinear.view(-1, fold, *bilinear.shape[1:]).mean(1)
+        if windows > 1:  # windowed: one row per sample is the mean over its windows
+            want = want.view(-1, windows, *want.shape[1:]).mean(1)
+            bilinear = bilinear.view(-1, windows, *bilinear.shape[1:]).mean(1)
         else:
             close(got_share, share(want), rel=1e-3)
         close(got, want)
@@ -77,7 +79,7 @@ def images(size, batch=2):
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-def run_timm(model, size, tmp_path, fold=1):
+def run_timm(model, size, tmp_path, fold=None):
     probs = record_timm_probs(model)
     x = images(size)
     coords = qkprobe.mode_coordinates(model, x, dtype=torch.float64)
@@ -135,6 +137,7 @@ def test_bert_padded_batch(tmp_path, impl):
         ref = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
     model.set_attn_implementation(impl)  # sdpa: no probabilities returned, the mask is used
     coords = qkprobe.mode_coordinates(model, input_ids=ids, attention_mask=mask, dtype=torch.float64)
+    assert all((c.info["attention"].probs is None) == (impl == "sdpa") for c in coords)  # the route tested
     contrib, shares = stored(model, tmp_path, input_ids=ids, attention_mask=mask)
     for got, bil in check(coords, ref, contrib, shares):
         far(got, bil)
@@ -185,6 +188,7 @@ def hf_run(model, tmp_path, impl, **inputs):
         ref = model(**inputs, output_attentions=True).attentions
     model.set_attn_implementation(impl)
     coords = qkprobe.mode_coordinates(model, dtype=torch.float64, **inputs)
+    assert all((c.info["attention"].probs is None) == (impl == "sdpa") for c in coords)  # the route tested
     contrib, shares = stored(model, tmp_path, **inputs)
     return list(check(coords, ref, contrib, shares))
 
@@ -202,4 +206,27 @@ def test_hf_llama_gqa_causal_rope_sdpa(tmp_path):
                      num_key_value_heads=2, intermediate_size=128, vocab_size=100)
     ids = torch.randint(1, 100, (2, 10), generator=torch.Generator().manual_seed(2))
     for got, bil in hf_run(model, tmp_path, "sdpa", input_ids=ids):
+        far(got, bil)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hf_swin_rel_pos_bias_and_shift_mask(tmp_path, impl):
+    from hf_helpers import record_probs
+    model = build_hf(T.SwinConfig, T.SwinModel, image_size=32, patch_size=4, embed_dim=64, depths=[2, 2],
+                     num_heads=[4, 8], window_size=4)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "relative_position_bias_table"):
+                m.relative_position_bias_table.normal_(0, 3)
+    probs = record_probs(model)  # eager: every block's probabilities, (B·nW, H, N, N)
+    x = images(32)
+    with torch.no_grad():
+        model(pixel_values=x)
+    ref = [p[0] for p in probs.values()]
+    model.set_attn_implementation(impl)
+    coords = qkprobe.mode_coordinates(model, pixel_values=x, dtype=torch.float64)
+    assert sum("attn_mask" in c.extras for c in coords) == 1  # one shifted block
+    assert all((c.info["attention"].probs is None) == (impl == "sdpa") for c in coords)  # the route tested
+    contrib, shares = stored(model, tmp_path, pixel_values=x)
+    for got, bil in check(coords, ref, contrib, shares):
         far(got, bil)

@@ -75,10 +75,17 @@ def absolute_ids(path) -> list:
         return [os.path.normpath(os.path.join(root, i)) for i in run.ids]
 
 
-def test_run_stores_folder_labels_inspect_counts_them(image_folder, tmp_path, capsys):
-    out = tmp_path / "run.h5"
+@pytest.fixture(scope="module")
+def folder_run(image_folder, tmp_path_factory):
+    """A run over the ImageFolder layout: one label per row from the class sub-folders."""
+    out = tmp_path_factory.mktemp("folder_run") / "run.h5"
     assert main(["run", SPEC, "--random-init", "--images", str(image_folder), "--out", str(out),
                  "--batch-size", "4", "--no-progress"]) == 0
+    return out
+
+
+def test_run_stores_folder_labels_inspect_counts_them(folder_run, capsys):
+    out = folder_run
     with qkprobe.open_run(str(out)) as run:
         assert len(run) >= 10
         assert run.labels == [expected_label(i) for i in run.ids]
@@ -145,12 +152,9 @@ def _json(page: Path, element_id: str):
     return json.loads(m.group(1).replace("<\\/", "</"))
 
 
-def test_report_shows_labels_and_top_classes(image_folder, tmp_path):
-    out = tmp_path / "run.h5"
-    assert main(["run", SPEC, "--random-init", "--images", str(image_folder), "--out", str(out),
-                 "--batch-size", "8", "--no-progress"]) == 0
+def test_report_shows_labels_and_top_classes(folder_run, tmp_path):
     report = tmp_path / "report"
-    assert main(["report", str(out), "--out", str(report), "--no-maps", "--no-progress"]) == 0
+    assert main(["report", str(folder_run), "--out", str(report), "--no-maps", "--no-progress"]) == 0
     index = report / "index.html"
     data = _json(index, "report-data")
     entries = [e for r in data["runs"] for e in r["optimal"]["entries"]] if "runs" in data else \

@@ -115,3 +115,26 @@ def test_scales_grow_with_rows_resume_and_recover(tmp_path):
     ds = open_group(path, "layers/00")
     assert ds.sizes["sample"] == 9 and ds["stats"].shape[0] == 9
     ds.close()
+
+
+def _unlabelled(path):
+    """Datasets of the layer groups with an axis that has no coordinate scale."""
+    out = []
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset) and not obj.is_scale and obj.ndim:
+                if any(len(obj.dims[a]) != 1 for a in range(obj.ndim)):
+                    out.append(name)
+        f[schema.LAYERS].visititems(visit)
+    return out
+
+
+def test_every_dataset_of_a_layer_group_is_labelled(probe_run, tmp_path):
+    assert _unlabelled(probe_run) == []
+    path = tmp_path / "run.h5"   # snapshot arrays declared by another caller ("count", "topk") too
+    with RunWriter(path, layer_specs(), STAT_NAMES, {}) as writer:
+        writer.write(**batch(0, 2, 0))
+    assert _unlabelled(path) == []
+    snap = open_group(path, "layers/00/snapshot")
+    assert snap["topk"].dims[0] == "slot" and snap["count"].dims == ("slot", "snapshot_count_dim1")
+    snap.close()

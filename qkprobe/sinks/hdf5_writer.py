@@ -826,18 +826,33 @@ def label_layer(group: h5py.Group, stat_names: Sequence[str], heads: Optional[Se
         scales[dim] = ds
         return ds
 
-    for path, ds in datasets:
-        dims = schema.layer_dims(path)
-        if ds.is_scale or dims is None or len(dims) != ds.ndim or any(len(ds.dims[a]) for a in range(ds.ndim)):
-            continue
+    def attempt(ds, dims):
+        if dims is None or len(dims) != ds.ndim:
+            return None
         if heads is None:
             dims = tuple(schema.DIM_HEAD if d == schema.DIM_MODEL_HEAD else d for d in dims)
         found = [scale(d, n, ds.maxshape[a] is None) for a, (d, n) in enumerate(zip(dims, ds.shape))]
-        if any(s is None for s in found):
+        return None if any(s is None for s in found) else list(zip(dims, found))
+
+    for path, ds in datasets:
+        if ds.is_scale or ds.ndim == 0 or any(len(ds.dims[a]) for a in range(ds.ndim)):
             continue
-        for axis, (dim, sc) in enumerate(zip(dims, found)):
+        # named in LAYER_DIMS, else (an array another caller declared) its own dimensions
+        found = attempt(ds, schema.layer_dims(path)) or attempt(ds, _own_dims(path, ds))
+        for axis, (dim, sc) in enumerate(found or ()):
             ds.dims[axis].attach_scale(sc)
             ds.dims[axis].label = dim
+
+
+def _own_dims(path: str, ds: h5py.Dataset) -> tuple:
+    """Dimensions of a dataset ``LAYER_DIMS`` does not name: the leading slot (snapshots), point
+    (series) or sample (other growing arrays), then ``<path>_dim<i>`` of its own."""
+    sub = path.rpartition("/")[0]
+    lead = {schema.SNAPSHOT: schema.DIM_SLOT, schema.SERIES: schema.DIM_POINT}.get(sub)
+    if lead is None and ds.maxshape[0] is None:
+        lead = schema.DIM_SAMPLE
+    own = [f"{path.replace('/', '_')}_dim{axis}" for axis in range(ds.ndim)]
+    return tuple([lead] + own[1:]) if lead else tuple(own)
 
 
 def _grow_scales(scales: list, start: int, stop: int) -> None:
