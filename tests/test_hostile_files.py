@@ -223,7 +223,7 @@ def test_messages_say_what_is_wrong(corpus):
         assert expect[name] in str(info.value), (name, str(info.value))
 
 
-def test_recover_of_a_truncated_file_leaves_it_untouched_and_says_so(corpus, tmp_path):
+def test_recover_of_a_truncated_file_leaves_it_untouched_and_says_so(corpus, tmp_path, capsys):
     _, files, _ = corpus
     for name in ("truncated_half", "truncated_100"):
         path = tmp_path / f"{name}.h5"
@@ -231,6 +231,8 @@ def test_recover_of_a_truncated_file_leaves_it_untouched_and_says_so(corpus, tmp
         before = path.read_bytes()
         assert main(["recover", str(path)]) == 2
         assert path.read_bytes() == before          # not grown with zeros, not rewritten
+        err = capsys.readouterr().err
+        assert "truncated" in err and "cannot rebuild" in err and "untouched" in err
 
 
 def test_huge_commit_record_is_not_trusted_by_resume_or_recover(corpus, tmp_path, capsys):

@@ -282,7 +282,7 @@ class RunWriter:
     def _check_room(self) -> None:
         """Refuse before creating anything when the layout (bases, two slots of every snapshot
         array) cannot fit: a write that fails inside HDF5 cannot be cleaned up well."""
-        need = 1 << 20
+        need = (64 << 10) + (16 << 10) * len(self.layers)   # groups, attributes, dimension scales
         for spec in self.layers:
             need += sum(np.asarray(a).nbytes for a in spec.bases.values())
             need += sum(2 * int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in spec.snapshot.values())
@@ -290,7 +290,7 @@ class RunWriter:
         if resource is not None and resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
             room = min(room, resource.getrlimit(resource.RLIMIT_FSIZE)[0])   # a file size limit acts like a full disk
         if room < need:
-            raise RunFileError(f"{self.path} needs about {need >> 20} MiB to be created but only {room >> 20} MiB "
+            raise RunFileError(f"{self.path} needs about {need >> 10} KiB to be created but only {room >> 10} KiB "
                                f"can be written there (disk full or a file size limit); free some space or choose "
                                f"another folder.")
 

@@ -42,12 +42,6 @@ def recover(path, force: bool = False) -> int:
         block = validate.check_file(path)
     except validate.ShortRunFile:
         return _recover_short(path, force)
-    except validate.TruncatedRunFile:
-        size, eoa = os.path.getsize(path), read_superblock(path).eoa
-        raise validate.TruncatedRunFile(
-            f"{path} is truncated ({size} of its {eoa} bytes) although its writer closed it: recover cannot rebuild "
-            f"the {eoa - size} missing bytes, so it left the file untouched; copy it again from a complete "
-            f"original, or start a new run file.") from None
     # Nothing is changed in a file that is not a readable run file (damaged, crafted, linked out):
     # a flagged file is checked with its mark cleared, and gets its superblock back if it fails.
     if not block.flags:
@@ -65,25 +59,31 @@ def recover(path, force: bool = False) -> int:
 
 
 def _recover_short(path: Path, force: bool) -> int:
-    """A file whose writer's last writes failed (full disk): shorter than its recorded end and
-    flagged open. Recovered only when every committed byte lies in the file (the missing tail
-    held uncommitted writes alone); then the tail is restored as empty space, as HDF5 expects.
-    Any failure puts the original bytes back."""
+    """A file shorter than its recorded end: a writer's last writes failed (full disk), or a copy
+    was cut off. Recovered only when every committed byte and every metadata block a reader
+    needs lie in the file (so the missing tail held uncommitted writes alone); then the tail is
+    restored as empty space, as HDF5 expects. Otherwise, and on any failure, the file keeps its
+    original bytes."""
     from . import validate
 
     block = read_superblock(path)
     size = os.path.getsize(path)
-    if not force:
+    if block.flags and not force:
         _refuse_if_writer_alive(path)
+    lost = validate.TruncatedRunFile(
+        f"{path} is truncated ({size} of its {block.eoa} bytes) and part of its layout or committed rows lay in the "
+        f"missing {block.eoa - size} bytes: recover cannot rebuild them and left the file untouched; copy it again "
+        f"from a complete original, or start a new run file.")
     try:
         f = validate.open_h5(path)
     except (OSError, RuntimeError) as exc:
-        raise validate.TruncatedRunFile(f"{path} is cut short inside its own layout ({size} of {block.eoa} bytes), so "
-                                        f"recover cannot save it and left the file untouched; copy it again from a "
-                                        f"complete original.") from exc
+        raise lost from exc
     with f:
-        validate.check_run_file(f, path)
-        validate.check_inside(f, path, size)
+        try:
+            validate.check_run_file(f, path)
+            validate.check_inside(f, path, size)
+        except RunFileError as exc:
+            raise lost from exc
     try:
         os.truncate(path, block.eoa)
         clear_open_flags(path, block)

@@ -47,7 +47,8 @@ class TruncatedRunFile(RunFileError):
 
 
 class ShortRunFile(TruncatedRunFile):
-    """A file left open by a writer whose last writes failed: shorter than recorded, flagged open."""
+    """A file shorter than its superblock records: cut off by a failed copy, or by a full disk
+    under its writer (then ``recover`` may keep its committed rows)."""
 
 
 class DamagedRunFile(RunFileError):
@@ -81,16 +82,11 @@ def check_file(path, what: str = "run file"):
     while size < block.eoa and time.monotonic() < deadline:
         time.sleep(0.05)             # a live writer catches up with its recorded end address
         size = os.path.getsize(path)
-    if size < block.eoa and block.flags:
-        raise ShortRunFile(
-            f"{path} was left open for writing by a writer that stopped, and its last {block.eoa - size} bytes were "
-            f"never written (a full disk?); run `qkprobe recover {path}` (once no writer is running), which keeps "
-            f"the committed rows if they all lie in the file, and open it again.")
     if size < block.eoa:
-        raise TruncatedRunFile(
-            f"{path} is truncated: it has {size} of the {block.eoa} bytes its HDF5 superblock records (a failed "
-            f"copy or a full disk), so none of it can be read safely; copy it again from a complete original, or "
-            f"start a new run file (the images of a cut-off run are written again).")
+        raise ShortRunFile(
+            f"{path} is truncated: it has {size} of the {block.eoa} bytes its HDF5 superblock records, so nothing "
+            f"was read; if its writer ran out of disk, `qkprobe recover {path}` keeps the committed rows when they "
+            f"all lie in the file, otherwise copy it again from a complete original.")
     return block
 
 
