@@ -115,14 +115,16 @@ def _weights_of(site: AttentionSite, fold_ln: bool) -> Tuple[QKWeights, bool, Tu
 
 
 def layer_bases(site: AttentionSite, model: nn.Module, fold_ln: bool = False,
-                n_prefix: Optional[int] = None) -> LayerBases:
-    """The modes of one attention site (see :func:`compute_bases`)."""
+                n_prefix: Optional[int] = None, spectra: bool = True) -> LayerBases:
+    """The modes of one attention site (see :func:`compute_bases`). ``spectra=False`` leaves out
+    the symmetric/antisymmetric spectra (``sym_eigvals``, ``antisym_eigvals`` None), about half
+    the cost, for callers that only need the modes and coordinate maps."""
     w, folded, notes = _weights_of(site, fold_ln)
     with torch.no_grad():
         m: QKModes = qk_modes(w.W_q.detach().cpu(), w.W_k.detach().cpu(),
                               None if w.b_q is None else w.b_q.detach().cpu(),
                               None if w.b_k is None else w.b_k.detach().cpu())
-        parts = sym_antisym_spectra(w.W_q.detach().cpu(), w.W_k.detach().cpu())
+        parts = sym_antisym_spectra(w.W_q.detach().cpu(), w.W_k.detach().cpu()) if spectra else None
     extras = w.extras
     refine = getattr(site.adapter, "model_extras", None)
     if refine is not None:

@@ -78,11 +78,22 @@ def test_run_uses_the_config_transform_and_the_overrides(hf_dir, photos, tmp_pat
     with qkprobe.open_run(str(out)) as run:
         assert run.metadata["transform_overrides"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
         q_mean = run.stats(0, "q_mean")  # (rows, H, R)
+        root = run.metadata["image_root"]  # ids are relative to the image root
         for row, sample in enumerate(run.ids):
-            x = transform(Image.open(sample).convert("RGB"))[None]
+            x = transform(Image.open(os.path.join(root, sample)).convert("RGB"))[None]
             c = qkprobe.mode_coordinates(model, pixel_values=x)[0]
             n = c.prefix_tokens
             np.testing.assert_allclose(q_mean[row], c.a[0, :, n:].mean(1).numpy(), rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True):  # resuming with other overrides would mix two preprocessings
+        warnings.simplefilter("always")
+        assert main(["run", "hf:" + hf_dir, "--images", str(photos), "--out", str(out), "--no-progress",
+                     "--resume", "--mean", "0.5,0.5,0.5"]) == 2
+    err = capsys.readouterr().err
+    ours = [ln for ln in err.splitlines() if ln.startswith("qkprobe")]  # besides transformers' loading bar
+    assert len(ours) == 1 and "preprocessing overrides" in ours[0]
+    with qkprobe.open_run(str(out)) as run:
+        assert len(run) == len(q_mean)
 
 
 def test_bad_override_is_an_argument_error(hf_dir, tmp_path, capsys):

@@ -158,9 +158,10 @@ def tiny_vit(seed=0, **kw):
 
 
 @interpreted
-@pytest.mark.parametrize("stats", [None, "all"])
-def test_attach_with_triton_backend_records_what_the_torch_backend_records(tmp_path, stats):
-    model = tiny_vit(reg_tokens=2)
+@pytest.mark.parametrize("stats, kw", [(None, dict(reg_tokens=2)), ("all", dict(reg_tokens=2)),
+                                       ("all", dict(qk_norm=True))])  # share from the module's real P
+def test_attach_with_triton_backend_records_what_the_torch_backend_records(tmp_path, stats, kw):
+    model = tiny_vit(**kw)
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(2)]
     paths = {}

@@ -130,7 +130,7 @@ def mode_coordinates(model: nn.Module, *args, bases: Optional[List[LayerBases]] 
     sites = find_attention(model)
     if bases is None:
         n_prefix = prefix_tokens(model)
-        bases = [layer_bases(s, model, n_prefix=n_prefix) for s in sites]
+        bases = [layer_bases(s, model, n_prefix=n_prefix, spectra=False) for s in sites]
     by_name = {b.name: b for b in bases}
     missing = [s.name for s in sites if s.name not in by_name]
     if missing:

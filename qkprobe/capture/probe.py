@@ -32,7 +32,7 @@ from ..core import native
 from ..core.streaming import Aggregates, TopKSamples
 from ..distributed import finish_shards, rank_and_world, shard_path
 from ..reduce.backend import resolve as resolve_backend
-from .attention import ShareInputs, attention_terms, share_inputs
+from .attention import ShareInputs, attention_terms, real_probs, share_inputs
 from .coordinates import per_head_matmul, capture_qk
 
 Tensor = torch.Tensor
@@ -431,17 +431,32 @@ class Probe:
         l = self.layers[i]
         with torch.no_grad():
             coord_q, coord_k, S, _ = l.float_maps(q.device)
-            bias = info.get("rel_pos_bias")
+            probs, bias = self._triton_share(info, q, k, l.bases.scale) if self._attention else (None, None)
             direct = l.heads is None and not l.pending
             st = mode_statistics_qk(q, k, coord_q, coord_k, S, l.bases.scale,
                                     prefix_tokens=l.bases.prefix_tokens or 0,
                                     include_prefix=self.options.include_prefix, topk=self.options.topk,
-                                    attn_bias=bias, attention=self._attention,
+                                    probs=probs, attn_bias=bias, attention=self._attention,
                                     out=l.group.slot(l.slot, q.shape[0], q.device) if direct else None)
             if l.heads is not None:
                 st = st.index_select(1, l.heads.to(st.device))
             l.pending.append(st)
         return True
+
+    @staticmethod
+    def _triton_share(info: Dict[str, Any], q: Tensor, k: Tensor, scale: float):
+        """(probs, attn_bias) for the Triton share: the module's actual attention. Where the module
+        multiplies the emitted q, k themselves, only its mask goes in (the kernel's online softmax);
+        after qk-norm or rope, or with the module's own P, the probabilities are passed."""
+        terms = attention_terms(info, q, k)
+        if terms.probs is not None:
+            return terms.probs, None
+        same = terms.rotary is None and (terms.scale is None or float(terms.scale) == float(scale)) and all(
+            t.data_ptr() == e.data_ptr() and t.shape == e.shape and t.stride() == e.stride()
+            for t, e in ((terms.q, q), (terms.k, k)))
+        if same:
+            return None, share_inputs(terms, scale).attn_bias
+        return real_probs(terms, scale), None
 
     def _on_forward_end(self, module, args, output):
         if not self._recording:
@@ -601,7 +616,8 @@ class Probe:
             w = l.site.adapter.weights(l.site.module)
             ok = bool(torch.isfinite(w.W_q).all() and torch.isfinite(w.W_k).all())
             if ok:
-                l.bases = layer_bases(l.site, self.model, n_prefix=self._n_prefix)
+                # the series stores S, cosines and drift: the sym spectra are not needed
+                l.bases = layer_bases(l.site, self.model, n_prefix=self._n_prefix, spectra=False)
                 l.maps = None
             flags.append(not ok)
         self._add_series_point(step, flags)

@@ -110,6 +110,11 @@ def _check_resumable(path: str, meta: dict, options: dict) -> None:
         if str(old.get(key)) != str(meta[key]):
             raise RunFileError(f"Cannot resume {path}: it was made with {key} {old.get(key)!r}, not {meta[key]!r}; "
                                f"use the same model and weights or start a new file.")
+    old_tf, new_tf = old.get("transform_overrides"), meta.get("transform_overrides")
+    old_tf = json.loads(old_tf) if isinstance(old_tf, str) else old_tf
+    if (old_tf or None) != (new_tf or None):
+        raise RunFileError(f"Cannot resume {path}: it was made with the preprocessing overrides {old_tf or 'none'}, "
+                           f"not {new_tf or 'none'}; pass the same --image-size/--mean/--std or start a new file.")
     old_opts = old.get("options")
     old_opts = json.loads(old_opts) if isinstance(old_opts, str) else old_opts
     if old_opts != options:

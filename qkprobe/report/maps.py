@@ -172,7 +172,7 @@ def recompute(meta: dict, layers: Sequence[LayerRef], paths: Dict[str, str], *, 
         if site is None:
             res.bad_layers[ref.index] = f"the rebuilt model has no attention layer {ref.name}"
             continue
-        lb = layer_bases(site, model, fold_ln=ref.fold_ln, n_prefix=n_prefix)
+        lb = layer_bases(site, model, fold_ln=ref.fold_ln, n_prefix=n_prefix, spectra=False)
         U_new, V_new = lb.U.numpy(), lb.V.numpy()
         if U_new.shape != ref.U.shape or V_new.shape != ref.V.shape:
             res.bad_layers[ref.index] = f"{ref.name} has modes of another shape than recorded"

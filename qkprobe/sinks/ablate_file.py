@@ -17,6 +17,7 @@ Layout (HDF5): root attrs ``kind="qkprobe-ablation"``, ``schema_version``, ``qkp
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -71,8 +72,11 @@ class Ablation:
 
 
 def is_ablation_file(path) -> bool:
-    """Whether ``path`` is an HDF5 file written by ``qkprobe ablate``."""
+    """Whether ``path`` is an HDF5 file written by ``qkprobe ablate``. Only a regular file is
+    opened (a pipe named like a file would block the open forever)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with h5py.File(path, "r") as f:
             return schema.to_python(f.attrs.get("kind")) == KIND
     except (OSError, ValueError):
