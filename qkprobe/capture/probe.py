@@ -508,17 +508,8 @@ class Probe:
                 host, ready = self._rows_to_host(g, st, ready)
                 for j, i in enumerate(g.layers):
                     rows[i] = host[j][..., self._row_cols]  # copied by writer.write
-            if not due:
-                continue
-            # views of the live state: writer.write copies them before this method returns
-            state = {f"topk_{k}": v for k, v in g.topk.state_dict(copy=False).items()}
-            state.update({f"agg_{k}": v for k, v in g.agg.state_dict(copy=False).items()})
-            nonfinite = g.nonfinite_per_layer()
-            for j, i in enumerate(g.layers):
-                snaps[i] = {name: v[j] for name, v in state.items()}
-                snaps[i]["nonfinite_values"] = np.int64(nonfinite[j])
-                if self._snapshot_rows_stored:
-                    snaps[i][SNAPSHOT_ROWS] = np.int64(self.samples + B)
+            if due:
+                self._snapshot_group(g, snaps, covered=self.samples + B)
         self.samples += B
         if self.writer is not None:
             self._hand_off(dict(ids=ids, rows=rows if self.options.per_sample else None, steps=[self._step] * B,
@@ -593,15 +584,20 @@ class Probe:
             return
         snaps: List[Any] = [None] * len(self.layers)
         for g in self.groups:
-            state = {f"topk_{k}": v for k, v in g.topk.state_dict(copy=False).items()}
-            state.update({f"agg_{k}": v for k, v in g.agg.state_dict(copy=False).items()})
-            nonfinite = g.nonfinite_per_layer()
-            for j, i in enumerate(g.layers):
-                snaps[i] = {name: v[j] for name, v in state.items()}
-                snaps[i]["nonfinite_values"] = np.int64(nonfinite[j])
-                if self._snapshot_rows_stored:
-                    snaps[i][SNAPSHOT_ROWS] = np.int64(self.samples)
+            self._snapshot_group(g, snaps, covered=self.samples)
         self.writer.write([], self._empty_rows(), snapshot=snaps, series=self._take_series())
+
+    def _snapshot_group(self, g: "_Group", snaps: List[Any], covered: int) -> None:
+        """Fill ``snaps[i]`` for the group's layers: views of the live top-k and aggregates (the
+        writer copies them before ``write`` returns), the non-finite count and the rows covered."""
+        state = {f"topk_{k}": v for k, v in g.topk.state_dict(copy=False).items()}
+        state.update({f"agg_{k}": v for k, v in g.agg.state_dict(copy=False).items()})
+        nonfinite = g.nonfinite_per_layer()
+        for j, i in enumerate(g.layers):
+            snaps[i] = {name: v[j] for name, v in state.items()}
+            snaps[i]["nonfinite_values"] = np.int64(nonfinite[j])
+            if self._snapshot_rows_stored:
+                snaps[i][SNAPSHOT_ROWS] = np.int64(covered)
 
     # ------------------------------------------------------------------ training
     def refresh(self, step: Optional[int] = None) -> None:
