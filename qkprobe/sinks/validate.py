@@ -22,6 +22,7 @@ import os
 import stat
 import time
 import h5py
+from h5py._objects import phil
 import numpy as np
 
 from ..errors import RunFileError
@@ -118,7 +119,10 @@ def _bounded_fapl():
     fapl.set_libver_bounds(h5py.h5f.LIBVER_EARLIEST, h5py.h5f.LIBVER_LATEST)
     fn = _set_attempts_function()
     if fn is not None:
-        fn(fapl.id, METADATA_READ_ATTEMPTS)
+        # under h5py's own lock: HDF5 is not thread-safe, and a writer thread of this process may be
+        # inside the library (h5py releases the GIL there, ctypes does too)
+        with phil:
+            fn(fapl.id, METADATA_READ_ATTEMPTS)
     return fapl
 
 
