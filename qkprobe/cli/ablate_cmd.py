@@ -83,10 +83,10 @@ def run(args) -> int:
     from ..bases import compute_bases
     from ..capture.ablate import Ablator, ModeRef, attention_shares, parse_modes, top_modes
     from ..capture.intervene import INEXACT_EXTRAS
-    from ..data import list_images, make_loader, skimage_images
+    from ..data import make_loader
     from ..metadata import versions
     from ..sinks import ablate_file
-    from .run_cmd import _cache_dir
+    from .run_cmd import image_paths
 
     _check_out(args)
     if args.batch_size < 1:
@@ -102,12 +102,7 @@ def run(args) -> int:
         _check_resumable(args.out, meta, options)
         modes = [ModeRef(*m) for m in ablate_file.stored_modes(args.out)]
     else:
-        if args.images or args.list:
-            paths = list_images(images_dir=args.images, list_file=args.list)
-        else:
-            paths = skimage_images(_cache_dir())
-        if not paths:
-            raise RunFileError("Found no images to ablate on; check --images or --list.")
+        paths = image_paths(args, "ablate on")
         good: list = []
 
         def share_batches():

@@ -64,6 +64,19 @@ def _cache_dir() -> str:
     return os.path.join(base, "qkprobe", "skimage")
 
 
+def image_paths(args, what: str) -> list:
+    """The images of ``--images`` / ``--list``, else scikit-image's photographs (cached); one
+    sentence when there are none (``what``: "run on", "ablate on")."""
+    from ..data import list_images, skimage_images
+    if args.images or args.list:
+        paths = list_images(images_dir=args.images, list_file=args.list)
+    else:
+        paths = skimage_images(_cache_dir())
+    if not paths:
+        raise RunFileError(f"Found no images to {what}; check --images or --list.")
+    return paths
+
+
 def _check_options(args) -> None:
     """Every option of ``qkprobe run``, before a model is loaded or a file written."""
     check_at_least(args, 1, "--batch-size", "--topk", "--topk-mean")
@@ -244,17 +257,12 @@ def _run(args, group: Optional[_Group]) -> int:
     from tqdm import tqdm
 
     from ..capture.probe import ProbeOptions, attach
-    from ..data import list_images, make_loader, skimage_images
+    from ..data import make_loader
     from ..distributed import split
     from ..metadata import versions
 
     _check_out(args, group)
-    if args.images or args.list:
-        paths = list_images(images_dir=args.images, list_file=args.list)
-    else:
-        paths = skimage_images(_cache_dir())
-    if not paths:
-        raise RunFileError("Found no images to run on; check --images or --list.")
+    paths = image_paths(args, "run on")
     label_of = _image_labels(args, paths)
     model, transform, meta = load_from_args(args, device=args.device)
     transform = transform_from_args(transform, args, meta)
