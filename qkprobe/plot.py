@@ -157,17 +157,10 @@ def spectrum_panel(S, cosine, band: Optional[float] = None, heads: Optional[Sequ
     cos = np.atleast_2d(np.asarray(cosine, dtype=np.float64))
     H, R = S.shape
     heads = list(range(H)) if heads is None else list(heads)
-    cols, rows = _grid(H, max_cols)
-    fig, axes = plt.subplots(2 * rows, cols, figsize=(2.3 * cols, 3.4 * rows), dpi=100, squeeze=False,
-                             gridspec_kw={"height_ratios": [1, 1.25] * rows})
+    fig, cells = _head_pairs(plt, H, max_cols, height_ratios=(1, 1.25))
     x = np.arange(R)
     wcos = head_weighted_cosine(S, cos)
-    for i in range(rows * cols):
-        top, bot = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
-        if i >= H:
-            top.axis("off")
-            bot.axis("off")
-            continue
+    for i, top, bot, first in cells:
         top.bar(x, S[i], width=1.0, color="0.35")
         top.set_title(f"H{heads[i]}  S-wtd cos {wcos[i]:+.3f}", fontsize=8)
         top.tick_params(labelsize=6)
@@ -181,10 +174,32 @@ def spectrum_panel(S, cosine, band: Optional[float] = None, heads: Optional[Sequ
         bot.set_ylim(-1.0, 1.0)
         bot.set_xlim(-0.5, R - 0.5)
         bot.tick_params(labelsize=6)
-        if i % cols == 0:
+        if first:
             top.set_ylabel("singular value", fontsize=7)
             bot.set_ylabel("cos(u_r, v_r)", fontsize=7)
         bot.set_xlabel("mode r", fontsize=7)
+    return _finish_panel(fig, title)
+
+
+def _head_pairs(plt, H: int, max_cols: int, height_ratios=(1, 1)):
+    """A figure with two stacked axes per head on a grid of at most ``max_cols`` columns: returns
+    ``(fig, [(head position i, top axes, bottom axes, first column?), ...])``; the unused cells
+    are switched off."""
+    cols, rows = _grid(H, max_cols)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(2.3 * cols, 3.4 * rows), dpi=100, squeeze=False,
+                             gridspec_kw={"height_ratios": list(height_ratios) * rows})
+    cells = []
+    for i in range(rows * cols):
+        top, bot = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        if i >= H:
+            top.axis("off")
+            bot.axis("off")
+        else:
+            cells.append((i, top, bot, i % cols == 0))
+    return fig, cells
+
+
+def _finish_panel(fig, title: str):
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -212,15 +227,9 @@ def sym_antisym_panel(sym, antisym, heads: Optional[Sequence[int]] = None, title
     H = sym.shape[0]
     heads = list(range(H)) if heads is None else list(heads)
     frac = symmetric_energy_fraction(sym, anti)
-    cols, rows = _grid(H, max_cols)
-    fig, axes = plt.subplots(2 * rows, cols, figsize=(2.3 * cols, 3.4 * rows), dpi=100, squeeze=False)
+    fig, cells = _head_pairs(plt, H, max_cols)
     top_lim = max(float(np.abs(sym).max(initial=0.0)), float(anti.max(initial=0.0))) * 1.05 or 1.0
-    for i in range(rows * cols):
-        top, bot = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
-        if i >= H:
-            top.axis("off")
-            bot.axis("off")
-            continue
+    for i, top, bot, first in cells:
         x = np.arange(sym.shape[1])
         top.bar(x, sym[i], width=1.0, color=np.where(sym[i] >= 0, "tab:red", "tab:blue"))
         top.axhline(0.0, color="0.5", lw=0.6)
@@ -230,14 +239,11 @@ def sym_antisym_panel(sym, antisym, heads: Optional[Sequence[int]] = None, title
         bot.set_ylim(0.0, top_lim)
         for ax in (top, bot):
             ax.tick_params(labelsize=6)
-        if i % cols == 0:
+        if first:
             top.set_ylabel("eig (M+Mᵀ)/2", fontsize=7)
             bot.set_ylabel("|eig| (M−Mᵀ)/2 pairs", fontsize=7)
         bot.set_xlabel("index", fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+    return _finish_panel(fig, title)
 
 
 # --------------------------------------------------------------------------- mode importance
