@@ -43,3 +43,8 @@ class TransformError(QKProbeError):
 
 class BackendError(QKProbeError):
     """A statistics backend that does not exist or cannot run on the model's device."""
+
+
+class UsageError(QKProbeError, ValueError):
+    """Arguments that do not fit the model or the batch: layers, heads, statistics, ``every``,
+    ``topk``, ids or labels of the wrong count. Also a ValueError, as before it existed."""

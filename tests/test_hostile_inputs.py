@@ -243,7 +243,7 @@ def _child(code: str, *args):
 
 
 MERGE_CHILD = """
-import sys, time, qkprobe.distributed as d
+import sys, time, qkprobe.sinks.merge as d
 def stall(*a, **k):
     print("ready", flush=True); time.sleep(120)
 d._add_virtual_stats = stall

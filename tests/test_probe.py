@@ -253,7 +253,7 @@ def test_fused_qkv_coordinates_equal_separate_ones():
     from qkprobe.capture.probe import Probe
     model = small_vit()
     probe = Probe(model, None)
-    layer = probe.layers[0]
+    layer = probe.maps[0]
     B, N, H, R = 2, 5, layer.bases.num_heads, layer.bases.num_modes
     qkv = torch.randn(B, N, 3, H, R)
     q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # views of one tensor, k right after q
@@ -288,7 +288,7 @@ def test_forward_that_raises_leaves_nothing_for_the_next_batch(tmp_path):
             model(x[:2])
     with qkprobe.open_run(str(tmp_path / "r.h5")) as run, qkprobe.open_run(str(tmp_path / "ref.h5")) as ref:
         assert len(run) == 2 and probe.samples == 2
-        for i in range(len(probe.layers)):
+        for i in range(len(probe.maps)):
             np.testing.assert_array_equal(run.stats(i), ref.stats(i))
             np.testing.assert_array_equal(run.snapshot(i, "agg_count"), ref.snapshot(i, "agg_count"))
 
@@ -301,7 +301,7 @@ def test_layers_of_different_shapes_keep_their_own_state(tmp_path):
     with qkprobe.attach(model, str(tmp_path / "all.h5")) as probe:
         with torch.no_grad():
             model(x)
-    assert len(probe.groups) == 2 and [len(g.layers) for g in probe.groups] == [1, 1]
+    assert len(probe.state.groups) == 2 and [len(g.layers) for g in probe.state.groups] == [1, 1]
     with qkprobe.open_run(str(tmp_path / "all.h5")) as run:
         assert [run.stats(i).shape[1] for i in range(2)] == [3, 6]
         for i in range(2):  # each layer alone: the same rows, top-k and aggregates

@@ -97,7 +97,7 @@ def test_file_from_before_snapshot_rows_resumes_with_a_snapshot_every_batch(tmp_
     model, batches = pk.make_model(), pk.make_batches()
     path = tmp_path / "old.h5"
     with monkeypatch.context() as m:  # as the probe made files before snapshot_rows
-        m.setattr(probe_module, "_declares_snapshot_rows", lambda path, resume: False)
+        m.setattr(probe_module, "stores_snapshot_rows", lambda path, resume: False)
         pk.record(model, batches[:3], path)
     with qkprobe.open_run(str(path)) as run:
         assert "snapshot_rows" not in run.snapshot_names(0)

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UsageError
+
 Tensor = torch.Tensor
 Emit = Callable[[Tensor, Tensor, Dict[str, Any]], None]
 
@@ -155,7 +157,8 @@ def register_attention(cls: Matcher, adapter: AttentionAdapter) -> None:
     User registrations are tried before the built-in families, newest first.
     """
     if not isinstance(adapter, AttentionAdapter):
-        raise TypeError("adapter must be an instance of qkprobe.AttentionAdapter")
+        raise UsageError(f"register_attention: the adapter is a {type(adapter).__name__}, not a "
+                         f"qkprobe.AttentionAdapter; pass an instance of a subclass of it.")
     _USER.insert(0, (cls, adapter))
 
 

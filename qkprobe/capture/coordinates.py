@@ -23,6 +23,7 @@ import torch.nn as nn
 from ..adapters.base import ATTENTION, AttentionTerms
 from ..adapters.discover import AttentionSite, find_attention, prefix_tokens
 from ..bases import LayerBases, layer_bases
+from ..errors import UsageError
 
 Tensor = torch.Tensor
 
@@ -63,7 +64,7 @@ class ModeCoordinates:
             S = self.S.to(self.a.dtype)
             return real_probs(attention_terms(calls[0], self.a * S.unsqueeze(-2), self.b), self.scale)
         if not all(isinstance(c.get(ATTENTION), AttentionTerms) for c in calls):
-            raise ValueError(f"{self.name} was called {len(calls)} times and its adapter hands no attention "
+            raise UsageError(f"{self.name} was called {len(calls)} times and its adapter hands no attention "
                              f"terms; call attention_probs() on one forward per call")
         return torch.cat([real_probs(c[ATTENTION], self.scale) for c in calls])
 
@@ -134,7 +135,7 @@ def mode_coordinates(model: nn.Module, *args, bases: Optional[List[LayerBases]] 
     by_name = {b.name: b for b in bases}
     missing = [s.name for s in sites if s.name not in by_name]
     if missing:
-        raise ValueError(f"bases do not cover the attention layer {missing[0]!r}; "
+        raise UsageError(f"bases do not cover the attention layer {missing[0]!r}; "
                          f"compute them with qkprobe.compute_bases(model) for this model")
     seen: Dict[int, List[tuple]] = {}
 

@@ -17,7 +17,7 @@ def add_parsers(sub) -> None:
 
 
 def run(args) -> int:
-    from ..distributed import merge_shards
+    from ..sinks.merge import merge_shards
 
     result = merge_shards(args.shards, args.out, allow_missing=args.allow_missing)
     for _path, reason in result.missing:

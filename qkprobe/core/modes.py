@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from ..errors import ShapeError
+
 Tensor = torch.Tensor
 
 
@@ -118,8 +120,8 @@ def qk_modes(
 
 def _qk_modes(W_q, W_k, b_q, b_k, rtol) -> QKModes:
     if W_q.dim() != 3 or W_k.dim() != 3 or W_q.shape[:2] != W_k.shape[:2]:
-        raise ValueError(f"W_q and W_k must be (H, R, D) with the same H and R, got "
-                         f"{tuple(W_q.shape)} and {tuple(W_k.shape)}")
+        raise ShapeError(f"W_q and W_k must be (H, R, D) with the same H and R, got "
+                         f"{tuple(W_q.shape)} and {tuple(W_k.shape)}; an adapter's weights() gives them per head.")
     H, R, D = W_q.shape
     Dk = W_k.shape[-1]
     W_q = W_q.detach().to(torch.float64)
@@ -252,8 +254,8 @@ def sym_antisym_spectra(W_q: Tensor, W_k: Tensor) -> Optional[SymParts]:
     symmetric part). When 2R ≥ D the D × D matrix itself is no larger and is used.
     """
     if W_q.dim() != 3 or W_k.dim() != 3 or W_q.shape[:2] != W_k.shape[:2]:
-        raise ValueError(f"W_q and W_k must be (H, R, D) with the same H and R, got "
-                         f"{tuple(W_q.shape)} and {tuple(W_k.shape)}")
+        raise ShapeError(f"W_q and W_k must be (H, R, D) with the same H and R, got "
+                         f"{tuple(W_q.shape)} and {tuple(W_k.shape)}; an adapter's weights() gives them per head.")
     H, R, D = W_q.shape
     if W_k.shape[-1] != D:
         return None

@@ -37,7 +37,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..errors import ShapeError
+from ..errors import ShapeError, UsageError
 from . import native
 
 Tensor = torch.Tensor
@@ -197,7 +197,7 @@ def mode_statistics(
     if tuple(S.shape) != (H, R):
         raise ShapeError(f"S must be (H, R) = ({H}, {R}), got {tuple(S.shape)}.")
     if topk < 1:
-        raise ValueError(f"topk must be at least 1, got {topk}.")
+        raise UsageError(f"topk must be at least 1 (tokens in a top-k mean), got {topk}.")
     p = 0 if include_prefix else int(prefix_tokens)
     if p < 0 or p >= N or p >= b.shape[-2]:
         raise ShapeError(f"prefix_tokens={prefix_tokens} leaves no map tokens out of N={N}, "

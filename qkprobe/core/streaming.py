@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from ..errors import ShapeError
+from ..errors import ShapeError, UsageError
 from . import native
 
 Tensor = torch.Tensor
@@ -76,9 +76,11 @@ class TopKSamples:
     would take two slots).
     """
 
+    FIELDS = ("scores", "index")  #: the arrays of state_dict()
+
     def __init__(self, *shape: int, k: int = 16, device="cpu"):
         if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}.")
+            raise UsageError(f"TopKSamples keeps k samples per mode and sign; k must be at least 1, got {k}.")
         if not shape:
             raise ShapeError("TopKSamples needs a shape, e.g. TopKSamples(num_heads, num_modes, k=16).")
         self.k = int(k)
@@ -184,7 +186,7 @@ class Aggregates:
         count (int64), mean, m2 (Σ (x − mean)²), min, max, nonfinite (int64).
     """
 
-    _FIELDS = ("count", "mean", "m2", "min", "max", "nonfinite")
+    FIELDS = ("count", "mean", "m2", "min", "max", "nonfinite")  #: the arrays of state_dict()
 
     def __init__(self, shape, device="cpu"):
         shape = tuple(int(s) for s in shape)
@@ -203,7 +205,7 @@ class Aggregates:
     def select(self, i: int) -> "Aggregates":
         """A copy of the aggregates of entry ``i`` of the first axis."""
         out = Aggregates.__new__(Aggregates)
-        for f in self._FIELDS:
+        for f in self.FIELDS:
             setattr(out, f, getattr(self, f)[i].clone())
         return out
 
@@ -255,7 +257,7 @@ class Aggregates:
         if other.shape != self.shape:
             raise ShapeError(f"cannot merge aggregates of shape {other.shape} into {self.shape}.")
         dev = self.mean.device
-        self._fold(*(getattr(other, f).to(dev) for f in self._FIELDS))
+        self._fold(*(getattr(other, f).to(dev) for f in self.FIELDS))
 
     @property
     def variance(self) -> Tensor:
@@ -267,13 +269,13 @@ class Aggregates:
     def state_dict(self, copy: bool = True) -> Dict[str, np.ndarray]:
         """Every field as a numpy array; ``copy=False`` may return views of the live state (on
         the CPU), for a caller that copies them at once."""
-        out = {f: getattr(self, f).cpu().numpy() for f in self._FIELDS}
+        out = {f: getattr(self, f).cpu().numpy() for f in self.FIELDS}
         return {k: v.copy() for k, v in out.items()} if copy else out
 
     def load_state_dict(self, state: Dict[str, np.ndarray]) -> None:
         dev = self.mean.device
         loaded = {}
-        for f in self._FIELDS:  # check everything before changing anything
+        for f in self.FIELDS:  # check everything before changing anything
             t = torch.as_tensor(np.asarray(state[f]), dtype=getattr(self, f).dtype)
             if tuple(t.shape) != self.shape:
                 raise ShapeError(f"aggregate '{f}' of shape {tuple(t.shape)} does not fit {self.shape}.")

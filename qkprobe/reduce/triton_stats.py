@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ..core.stats import STAT_INDEX, STAT_NAMES, compute_dtype
-from ..errors import ShapeError
+from ..errors import ShapeError, UsageError
 
 try:  # optional: the probe falls back to the torch path without it
     import triton
@@ -278,7 +278,7 @@ def mode_statistics_qk(
         raise ShapeError("reduce/triton: float64 q/k are not supported by the Triton kernels; use the torch "
                          "backend for float64.")
     if topk < 1:
-        raise ValueError(f"topk must be at least 1, got {topk}.")
+        raise UsageError(f"topk must be at least 1 (tokens in a top-k mean), got {topk}.")
     p = 0 if include_prefix else int(prefix_tokens)
     if p < 0 or p >= N or p >= NK:
         raise ShapeError(f"prefix_tokens={prefix_tokens} leaves no map tokens out of N={N}, "

@@ -28,6 +28,8 @@ from .. import plot
 from .._version import __version__
 from ..core.summary import symmetric_energy_fraction
 from ..errors import QKProbeError
+from ..state import (AGG_COUNT, AGG_MEAN, DRIFT_K, DRIFT_Q, NONFINITE_WEIGHTS, SERIES_COSINE, SERIES_S, TOPK_INDEX,
+                     TOPK_SCORES)
 from . import html as H
 from .ablation import ablation_section, split_ablation_files
 
@@ -112,15 +114,15 @@ def read_run(path) -> RunData:
             heads = list(range(S.shape[0])) if heads is None else [int(h) for h in heads]
             snaps = set(run.snapshot_names(i))
             share, count = None, 0
-            if share_i is not None and {"agg_mean", "agg_count"} <= snaps:
-                mean = np.asarray(run.snapshot(i, "agg_mean"), dtype=np.float64)
-                cnt = np.asarray(run.snapshot(i, "agg_count"))
+            if share_i is not None and {AGG_MEAN, AGG_COUNT} <= snaps:
+                mean = np.asarray(run.snapshot(i, AGG_MEAN), dtype=np.float64)
+                cnt = np.asarray(run.snapshot(i, AGG_COUNT))
                 count = int(cnt[..., share_i].min()) if cnt.size else 0
                 share = np.where(cnt[..., share_i] > 0, mean[..., share_i], np.nan)
             scores = index = None
-            if {"topk_scores", "topk_index"} <= snaps:
-                scores = np.asarray(run.snapshot(i, "topk_scores"), dtype=np.float64)
-                index = np.asarray(run.snapshot(i, "topk_index"), dtype=np.int64)
+            if {TOPK_SCORES, TOPK_INDEX} <= snaps:
+                scores = np.asarray(run.snapshot(i, TOPK_SCORES), dtype=np.float64)
+                index = np.asarray(run.snapshot(i, TOPK_INDEX), dtype=np.int64)
             layers.append(LayerData(
                 index=i, name=name, S=S, cosine=np.asarray(bases["cosine"], dtype=np.float64),
                 U=np.asarray(bases["U"]), V=np.asarray(bases["V"]), heads=heads, share=share, share_count=count,
@@ -162,17 +164,17 @@ def read_series(run) -> Tuple[Optional[dict], str]:
     drift: Dict[str, np.ndarray] = {}
     flagged = []
     for i in range(L):
-        S = np.asarray(run.series(i, "S"), dtype=np.float64)[: len(steps)]
-        cos = np.asarray(run.series(i, "cosine"), dtype=np.float64)[: len(steps)]
+        S = np.asarray(run.series(i, SERIES_S), dtype=np.float64)[: len(steps)]
+        cos = np.asarray(run.series(i, SERIES_COSINE), dtype=np.float64)[: len(steps)]
         mc[:, i] = np.nanmean(cos.reshape(len(steps), -1), axis=1)
         wc[:, i] = np.nanmean(plot.head_weighted_cosine(S, cos), axis=-1)
-        for side, name in (("query", "drift_q"), ("key", "drift_k")):
+        for side, name in (("query", DRIFT_Q), ("key", DRIFT_K)):
             if name in names[i]:
                 d = np.asarray(run.series(i, name), dtype=np.float64)[: len(steps)]
                 drift.setdefault(side, np.full((len(steps), L), np.nan))[:, i] = \
                     np.nanmean(d.reshape(len(steps), -1), axis=1)
-        if "nonfinite_weights" in names[i]:
-            bad = np.asarray(run.series(i, "nonfinite_weights")).reshape(-1)[: len(steps)]
+        if NONFINITE_WEIGHTS in names[i]:
+            bad = np.asarray(run.series(i, NONFINITE_WEIGHTS)).reshape(-1)[: len(steps)]
             flagged += [(i, int(t)) for t, b in zip(steps, bad) if b]
     note = ""
     if flagged:

@@ -6,6 +6,7 @@ slot that counter points to. ``refresh()`` moves to the writer's latest commit.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional, Union
 
@@ -196,6 +197,27 @@ class RunFile:
             if self._read_committed()[2] <= generation:
                 return value
             self.refresh()
+
+    def committed_snapshots(self, attempts: int = 200) -> list[dict[str, np.ndarray]]:
+        """Every layer's snapshot arrays, all of one commit, and ``len(self)`` refreshed to the
+        rows of that commit or a later one (never fewer than the snapshot covers): what a merge
+        or a resume needs from a file a writer may still be adding to."""
+        for _ in range(attempts):
+            self.refresh()
+            generation = self._generation
+            slot = schema.snapshot_slot(generation)
+            values = []
+            for group in self._layers:
+                arrays = {}
+                for name, dataset in group[schema.SNAPSHOT].items():
+                    dataset.refresh()
+                    arrays[name] = dataset[slot]
+                values.append(arrays)
+            # The writer only writes the slot of generation + 2 after publishing generation + 1.
+            if self._read_committed()[2] <= generation:
+                return values
+            time.sleep(0.05)
+        raise RunFileError(f"{self.path} kept changing while its snapshot was read; read it again.")
 
     # ---- time series (training) ------------------------------------------------------------
 

@@ -11,8 +11,8 @@ other files.
   or dangling links, no HDF5 external storage, virtual sources only relative to the file's
   folder, declared shapes a read can afford, and the commit record against the datasets.
 
-``run_file.open_run``, ``recover``, the shard reader of ``distributed.merge_shards`` and the
-report (through ``open_run``) all go through :func:`open_run_file`.
+``run_file.open_run``, ``recover``, the shard reader of ``sinks.merge.merge_shards`` (through
+``open_run``) and the report (through ``open_run``) all go through :func:`open_run_file`.
 """
 
 from __future__ import annotations
