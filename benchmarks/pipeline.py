@@ -8,8 +8,8 @@
     decoding (qkprobe.data's loader, DataLoader with the same workers), both timed from model
     creation to the last batch, on the device given. Rounds of plain, run, plain, run, ...,
     plain: each ratio is the run over the mean of the plain passes around it (goal ≤ 1.10×).
-(b) Host-side ceiling: the probe's run state (top-k and aggregates, updated as the probe does)
-    and HDF5 writer fed synthetic statistics (L, B, H, R, S) at ViT-B/16 (12 layers, 12 heads)
+(b) Host-side ceiling: the probe's own run state (``qkprobe.state.RunState``: top-k and
+    aggregates) and run sink (``qkprobe.sinks.run_sink.RunSink`` and its HDF5 writer) fed synthetic statistics (L, B, H, R, S) at ViT-B/16 (12 layers, 12 heads)
     and ViT-L/14 (24 layers, 16 heads) layer shapes, R = 64, batch 128, as fast as they take
     them, snapshots every 5 s and at close: images/s with rows off and with float16 rows,
     beside the raw write speed of the same disk (sequential 8 MiB writes + fsync) measured in
@@ -136,54 +136,45 @@ def raw_disk_speed(folder: str, total: int = 1 << 30, block: int = 8 << 20) -> f
 
 def host_ceiling(folder: str, shape: tuple, batch: int, seconds: float, per_sample: bool, store_dtype: str,
                  compression, state: str) -> tuple:
-    """Images/s and row bytes/s of the run state + writer fed synthetic statistics.
+    """Images/s and row bytes/s of the probe's run state and run sink fed synthetic statistics.
 
     ``state``: where top-k and aggregates are updated, "cuda" (as the probe does on a GPU: the host
     then only hands rows, ids and the interval snapshots to the writer), "cpu", or "none" (the
-    writer alone: the host's share of a GPU run, measurable without a GPU)."""
+    sink and writer alone: the host's share of a GPU run, measurable without a GPU)."""
     from qkprobe.core.stats import DEFAULT_STATS, STAT_INDEX, STAT_NAMES
-    from qkprobe.core.streaming import Aggregates, TopKSamples
     from qkprobe.sinks.hdf5_writer import LayerSpec, RunWriter
+    from qkprobe.sinks.run_sink import RunSink
+    from qkprobe.state import RunState, TrainingSeries
+    from qkprobe.state.run_state import SCORES
     L, H, R = shape
     names = list(DEFAULT_STATS)
     cols = [STAT_INDEX[n] for n in names]
-    row_cols = slice(cols[0], cols[-1] + 1)
     device = "cpu" if state == "none" else state
-    topk = TopKSamples(L, H, R, k=16, device=device)
-    agg = Aggregates((L, H, R, len(names)), device)
-    snap = {f"topk_{k}": (v.shape[1:], v.dtype) for k, v in topk.state_dict().items()}
-    snap.update({f"agg_{k}": (v.shape[1:], v.dtype) for k, v in agg.state_dict().items()})
-    specs = [LayerSpec(name=f"blocks.{i}.attn", num_heads=H, num_modes=R, snapshot=snap) for i in range(L)]
+    run_state = RunState([(H, R)] * L, len(names), top_samples=16, device=device)
+    specs = [LayerSpec(name=f"blocks.{i}.attn", num_heads=H, num_modes=R, snapshot=run_state.snapshot_spec(i))
+             for i in range(L)]
     path = os.path.join(folder, f"ceiling-{L}-{per_sample}-{store_dtype}.h5")
     if os.path.exists(path):
         os.unlink(path)
     writer = RunWriter(path, specs, names, {}, per_sample=per_sample, store_dtype=store_dtype,
                        compression=compression, chunk_rows=batch)
+    sink = RunSink(writer, [g.layers for g in run_state.groups], slice(cols[0], cols[-1] + 1), snapshot_every_s=5.0,
+                   release=lambda *_: None)
+    series = TrainingSeries([])
+    stored = None if len(names) == len(STAT_NAMES) else torch.tensor(cols, device=device)
+    scores = tuple(STAT_INDEX[s] for s in SCORES)
     g = torch.Generator().manual_seed(0)
-    pool = [torch.randn(L, batch, H, R, len(STAT_NAMES), generator=g) for _ in range(4)]  # (L, B, H, R, S)
-    pool_dev = [p.to(device) for p in pool]
-    n, last_snap, start = 0, time.monotonic(), time.perf_counter()
+    pool = [torch.randn(L, batch, H, R, len(STAT_NAMES), generator=g).to(device) for _ in range(4)]  # (L, B, H, R, S)
+    n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         st = pool[(n // batch) % len(pool)]
         if state != "none":
-            batch_first = pool_dev[(n // batch) % len(pool)].movedim(0, 1)
-            topk.update_columns(batch_first, STAT_INDEX["score_pos"], STAT_INDEX["score_neg"],
-                                torch.arange(n, n + batch, device=device))
-            agg.update(batch_first, columns=None if len(names) == len(STAT_NAMES)
-                       else torch.tensor(cols, device=device))
-        rows = None
-        if per_sample:
-            host = st.numpy()
-            rows = [host[j][..., row_cols] for j in range(L)]
-        snapshot = None
-        if time.monotonic() - last_snap >= 5.0:
-            last_snap = time.monotonic()
-            state = {f"topk_{k}": v for k, v in topk.state_dict(copy=False).items()}
-            state.update({f"agg_{k}": v for k, v in agg.state_dict(copy=False).items()})
-            snapshot = [{k: v[j] for k, v in state.items()} for j in range(L)]
-        writer.write([f"s{n + j}" for j in range(batch)], rows, snapshot=snapshot)
+            run_state.add([st], scores, stored)
+        else:
+            run_state.samples += batch
+        sink.put(run_state, [st], [f"s{n + j}" for j in range(batch)], None, [-1] * batch, series)
         n += batch
-    writer.close()
+    sink.close(run_state, series)
     elapsed = time.perf_counter() - start
     row_bytes = L * H * R * len(names) * np.dtype(store_dtype).itemsize if per_sample else 0
     os.unlink(path)

@@ -148,3 +148,60 @@ def test_an_error_inside_a_reducer_names_the_layer_and_the_shapes():
             model(torch.randn(2, 3, 32, 32))
     text = str(info.value)
     assert "blocks.0.attn" in text and "(2, 3, 5, 64)" in text and "prefix_tokens=99" in text
+
+
+class _Event:
+    def __init__(self, log, n):
+        self.log, self.n = log, n
+
+    def synchronize(self):
+        self.log.append(("sync", self.n))
+
+
+class _Writer:
+    """What RunSink needs of a RunWriter, recording each write."""
+
+    def __init__(self, layers, stat_names):
+        self.layers, self.stat_names, self.per_sample, self.log = layers, stat_names, True, []
+
+    def write(self, ids, rows, **kw):
+        self.log.append(("write", list(ids), None if rows is None else [np.array(r) for r in rows],
+                         kw.get("snapshot") is not None))
+
+    def close(self):
+        self.log.append(("close",))
+
+
+def test_rows_copied_asynchronously_reach_the_writer_in_order_and_never_before_their_copy():
+    from qkprobe.sinks.hdf5_writer import LayerSpec
+    from qkprobe.sinks.run_sink import RunSink
+    from qkprobe.state import TrainingSeries
+    shapes, S = [(2, 3), (2, 3)], len(STAT_NAMES)
+    state = RunState(shapes, 4, top_samples=2)
+    writer = _Writer([LayerSpec(f"l{i}", 2, 3) for i in range(2)], list(STAT_NAMES[:4]))
+    log, copies = writer.log, []
+
+    def copier(group, st):  # as PinnedCopies: a host buffer filled "later", and its event
+        copies.append(len(copies))
+        return st.numpy().copy(), _Event(log, copies[-1])
+
+    sink = RunSink(writer, [g.layers for g in state.groups], slice(0, 4), snapshot_every_s=3600.0,
+                   release=lambda *a: None, copier=copier)
+    series = TrainingSeries([])
+    batches = [_stats(2, 2, 2, 3, S, seed) for seed in range(3)]
+    for n, st in enumerate(batches):
+        state.add([st], (STAT_INDEX["score_pos"], STAT_INDEX["score_neg"]), torch.arange(4))
+        sink.put(state, [st], [f"b{n}a", f"b{n}b"], None, [-1, -1], series)
+        # the forward never waits: only the batch before this one has been written
+        assert [e[1] for e in log if e[0] == "write"] == [[f"b{m}a", f"b{m}b"] for m in range(n)]
+    sink.snapshot_every_s = 0.0  # a snapshot is due: this batch goes to the writer at once, after its copy
+    state.add([batches[0]], (STAT_INDEX["score_pos"], STAT_INDEX["score_neg"]), torch.arange(4))
+    sink.put(state, [batches[0]], ["c", "d"], None, [-1, -1], series)
+    sink.close(state, series)
+    writes = [e for e in log if e[0] == "write"]
+    assert [w[1] for w in writes] == [["b0a", "b0b"], ["b1a", "b1b"], ["b2a", "b2b"], ["c", "d"], []]
+    assert [w[3] for w in writes] == [False, False, False, True, True]
+    for n, w in enumerate(writes[:3]):  # each after its own copy's event, with the stored columns
+        assert log.index(("sync", n)) < log.index(w)
+        np.testing.assert_array_equal(w[2][1], batches[n][1][..., :4].numpy())
+    assert log[-1] == ("close",)

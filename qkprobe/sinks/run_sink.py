@@ -10,7 +10,7 @@ batch or at close); on the CPU they are plain views the writer copies.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +35,43 @@ def layer_specs(names: Sequence[str], bases: Sequence, heads: Sequence[Optional[
     return specs
 
 
+def host_view(group: int, stats: Tensor) -> Tuple[np.ndarray, None]:
+    """CPU rows (L, B, H, R, S): a view the writer copies; nothing to wait for."""
+    return stats.cpu().numpy(), None
+
+
+class PinnedCopies:
+    """CUDA rows (L, B, H, R, S): an asynchronous copy into one of two reused pinned host buffers
+    per group, on a side stream; returns the host array and the CUDA event that fires when it is
+    filled. ``release(group, stats, event)`` lets the statistics' owner keep the next forward off
+    the device buffer until then."""
+
+    def __init__(self, release: Callable[[int, Tensor, Any], None]):
+        self.release = release
+        self._pinned: dict = {}   # group → two pinned buffers
+        self._turn: dict = {}     # group → the buffer to fill next
+        self._stream = None
+
+    def __call__(self, group: int, st: Tensor):
+        main = torch.cuda.current_stream(st.device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(st.device)
+        pinned = self._pinned.get(group)
+        if pinned is None or pinned[0].shape != st.shape:
+            pinned = self._pinned[group] = [torch.empty(st.shape, dtype=st.dtype, pin_memory=True) for _ in range(2)]
+            self._turn[group] = 0
+        buf = pinned[self._turn[group]]
+        self._turn[group] ^= 1
+        self._stream.wait_stream(main)  # the statistics of this forward are written
+        with torch.cuda.stream(self._stream):
+            buf.copy_(st, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self._stream)
+        st.record_stream(self._stream)  # its memory is not reused before the copy is done
+        self.release(group, st, ready)
+        return buf.numpy(), ready
+
+
 class RunSink:
     """Feeds one run file from a probe.
 
@@ -46,38 +83,52 @@ class RunSink:
             every batch (a file from before ``snapshot_rows`` is continued as it was made).
         release: called as ``release(group, stats, event)`` when a group's device statistics are
             being copied until the CUDA ``event`` (the next forward must not overwrite them).
+        copier: ``copier(group, stats) -> (host array, event or None)``; None: :func:`host_view`
+            for CPU statistics, :class:`PinnedCopies` for CUDA ones.
     """
 
     def __init__(self, writer: RunWriter, groups: Sequence[List[int]], columns, *,
-                 snapshot_every_s: Optional[float], release: Callable[[int, Tensor, Any], None]):
+                 snapshot_every_s: Optional[float], release: Callable[[int, Tensor, Any], None],
+                 copier: Optional[Callable] = None):
         self.writer = writer
         self.groups = [list(g) for g in groups]
         self.columns = columns
         self.per_sample = writer.per_sample
         self.snapshot_every_s = snapshot_every_s
         self.release = release
+        self.copier = copier
         self._last_snapshot = time.monotonic()
-        self._in_flight: Optional[dict] = None  # a CUDA batch whose rows are still being copied
-        self._pinned: List[Optional[List[Tensor]]] = [None] * len(self.groups)  # two per group
-        self._turn = [0] * len(self.groups)
-        self._copy_stream = None
+        self._in_flight: Optional[dict] = None  # a batch whose rows are still being copied
 
     # ---- per batch ----------------------------------------------------------------------------
 
     def put(self, state: RunState, stats: Sequence[Tensor], ids: List[str], labels, steps: List[int],
             series: TrainingSeries) -> None:
         """One batch, after ``state`` took it: stats per group (L, B, H, R, len(STAT_NAMES))."""
-        layers = sum(len(g) for g in self.groups)
-        rows: List[Any] = [None] * layers
-        ready = None  # CUDA: event of the asynchronous row copies of this batch
+        if self._in_flight is not None:  # its copy was queued a forward ago; its pinned buffers are reused next
+            self._write_in_flight()
+        rows: List[Any] = [None] * sum(len(g) for g in self.groups)
+        ready = None  # the event of the last row copy of this batch (one stream: it implies the others)
         if self.per_sample:
             for gi, (members, st) in enumerate(zip(self.groups, stats)):
-                host, ready = self._rows_to_host(gi, st, ready)
+                host, event = self._copier(st)(gi, st)
+                ready = event if event is not None else ready
                 for j, i in enumerate(members):
                     rows[i] = host[j][..., self.columns]  # copied by writer.write
-        snapshot = state.snapshot() if self._snapshot_due() else None
-        self._hand_off(dict(ids=ids, rows=rows if self.per_sample else None, steps=steps, snapshot=snapshot,
-                            series=series.take(), labels=labels), ready)
+        batch = dict(ids=ids, rows=rows if self.per_sample else None, steps=steps,
+                     snapshot=state.snapshot() if self._snapshot_due() else None, series=series.take(),
+                     labels=labels)
+        if ready is not None and batch["snapshot"] is None:  # to the writer once the copy is done
+            self._in_flight = dict(batch, ready=ready)
+            return
+        if ready is not None:  # a snapshot: its views of the live state cannot wait for the next forward
+            ready.synchronize()
+        self.writer.write(batch.pop("ids"), batch.pop("rows"), **batch)
+
+    def _copier(self, st: Tensor) -> Callable:
+        if self.copier is None:
+            self.copier = PinnedCopies(self.release) if st.device.type == "cuda" else host_view
+        return self.copier
 
     def _snapshot_due(self) -> bool:
         if self.snapshot_every_s is None:
@@ -86,45 +137,6 @@ class RunSink:
             return False
         self._last_snapshot = time.monotonic()
         return True
-
-    def _rows_to_host(self, gi: int, st: Tensor, ready):
-        """The rows (L, B, H, R, S) as a host array. CPU: a view (the writer copies it). CUDA: an
-        asynchronous copy into a reused pinned buffer on a side stream; ``ready`` is the event the
-        writer waits for."""
-        if st.device.type != "cuda":
-            return st.cpu().numpy(), ready
-        main = torch.cuda.current_stream(st.device)
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(st.device)
-        pinned = self._pinned[gi]
-        if pinned is None or pinned[0].shape != st.shape:
-            pinned = self._pinned[gi] = [torch.empty(st.shape, dtype=st.dtype, pin_memory=True) for _ in range(2)]
-            self._turn[gi] = 0
-        if self._in_flight is not None:  # its rows still sit in the other pinned buffer
-            self._write_in_flight()
-        buf = pinned[self._turn[gi]]
-        self._turn[gi] ^= 1
-        self._copy_stream.wait_stream(main)  # the statistics of this forward are written
-        with torch.cuda.stream(self._copy_stream):
-            buf.copy_(st, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(self._copy_stream)
-        st.record_stream(self._copy_stream)  # its memory is not reused before the copy is done
-        self.release(gi, st, ready)
-        return buf.numpy(), ready
-
-    def _hand_off(self, batch: dict, ready) -> None:
-        """To the writer now (CPU, or with a snapshot), else once the row copy is done (at the next
-        batch or at close): the forward never waits for the device→host copy."""
-        now = ready is None or batch["snapshot"] is not None
-        if self._in_flight is not None and now:
-            self._write_in_flight()
-        if not now:
-            self._in_flight = dict(batch, ready=ready)
-            return
-        if ready is not None:
-            ready.synchronize()
-        self.writer.write(batch.pop("ids"), batch.pop("rows"), **batch)
 
     def _write_in_flight(self) -> None:
         batch, self._in_flight = self._in_flight, None
