@@ -9,9 +9,10 @@
     creation to the last batch, on the device given. Rounds of plain, run, plain, run, ...,
     plain: each ratio is the run over the mean of the plain passes around it (goal ≤ 1.10×).
 (b) Host-side ceiling: the probe's own run state (``qkprobe.state.RunState``: top-k and
-    aggregates) and run sink (``qkprobe.sinks.run_sink.RunSink`` and its HDF5 writer) fed synthetic statistics (L, B, H, R, S) at ViT-B/16 (12 layers, 12 heads)
-    and ViT-L/14 (24 layers, 16 heads) layer shapes, R = 64, batch 128, as fast as they take
-    them, snapshots every 5 s and at close: images/s with rows off and with float16 rows,
+    aggregates) and run sink (``qkprobe.sinks.run_sink.RunSink`` and its HDF5 writer) fed
+    synthetic statistics (L, B, H, R, S) at ViT-B/16 (12 layers, 12 heads) and ViT-L/14 (24
+    layers, 16 heads) layer shapes, R = 64, batch 128, as fast as they take them, snapshots
+    every 5 s and at close: images/s with rows off and with float16 rows,
     beside the raw write speed of the same disk (sequential 8 MiB writes + fsync) measured in
     the same run. Goals: rows off ≥ 20,000 images/s at ViT-B/16; fp16 rows ≥ 50 % of raw disk.
 """
