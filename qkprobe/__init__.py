@@ -32,8 +32,8 @@ def __getattr__(name):
         value = getattr(import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
         return value
-    if name in ("adapters", "core", "capture", "sinks", "cli", "integrations", "plot", "models", "data",
-                "distributed", "report", "bases", "errors", "metadata"):
+    if name in ("adapters", "core", "capture", "reduce", "state", "sinks", "cli", "integrations", "plot", "models",
+                "data", "distributed", "report", "bases", "errors", "metadata"):
         return import_module(f".{name}", __name__)
     raise AttributeError(f"module 'qkprobe' has no attribute {name!r}")
 
