@@ -230,3 +230,44 @@ def test_hf_swin_rel_pos_bias_and_shift_mask(tmp_path, impl):
     contrib, shares = stored(model, tmp_path, pixel_values=x)
     for got, bil in check(coords, ref, contrib, shares):
         far(got, bil)
+
+
+def _scale_qk_norms(model, seed=3):
+    """Random qk-norm gains (init is all ones), so that the norm changes the logits and the
+    attention stays peaked after it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if name.endswith(("q_norm", "k_norm")) and getattr(m, "weight", None) is not None:
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g).abs() * 3 + 1)
+    return model
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hf_qwen3_head_dim_qk_norm_gqa_rope(tmp_path, impl):
+    """qk-norm on each head's (B, N, H, R) view, then rope, grouped keys, causal: under sdpa the
+    share takes q, k after the module's own norms, not the projections'."""
+    model = _scale_qk_norms(build_hf(T.Qwen3Config, T.Qwen3Model, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     intermediate_size=128, vocab_size=100))
+    ids = torch.randint(1, 100, (2, 10), generator=torch.Generator().manual_seed(2))
+    for got, bil in hf_run(model, tmp_path, impl, input_ids=ids):
+        far(got, bil)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hf_internvl_vision_full_width_qk_norm(tmp_path, impl):
+    """InternViT normalizes q and k over the full width (B, N, H·R) before splitting heads."""
+    model = _scale_qk_norms(build_hf(T.InternVLVisionConfig, T.InternVLVisionModel, use_qk_norm=True, **VIT))
+    for got, bil in hf_run(model, tmp_path, impl, pixel_values=images(32)):
+        far(got, bil)
+
+
+def test_hf_gemma3_qk_norm_on_heads_first_view_sdpa(tmp_path):
+    """Gemma 3 normalizes the (B, H, N, R) view after the transpose: the head axis read from strides."""
+    model = _scale_qk_norms(build_hf(T.Gemma3TextConfig, T.Gemma3TextModel, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     intermediate_size=128, vocab_size=100, sliding_window=64))
+    ids = torch.randint(1, 100, (2, 10), generator=torch.Generator().manual_seed(2))
+    for got, bil in hf_run(model, tmp_path, "sdpa", input_ids=ids):
+        far(got, bil)

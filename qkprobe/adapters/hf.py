@@ -15,8 +15,10 @@ Capture: forward hooks on the q and k Linear children give (B, N, H·R) with bia
 or qk-norm, under every attention implementation (eager, sdpa, ...). A forward pre-hook on the
 module resets the state and binds its arguments (``attention_mask``, ``position_embeddings``,
 ``relative_position_bias``); a forward hook on a ``relative_position_bias`` child (Swin,
-Data2VecVision) reads the bias; the module's forward hook emits. With a KV cache, k holds only
-the new tokens. ``info`` then holds:
+Data2VecVision) reads the bias; forward hooks on ``q_norm``/``k_norm`` children read the
+normalized q, k the module multiplies (over the full width as in InternViT, or per head as in
+Qwen3 and Gemma 3), for the attention share; the module's forward hook emits. With a KV cache, k
+holds only the new tokens. ``info`` then holds:
 
 - ``attn_mask``: the ``attention_mask`` exactly as the module received it — an additive float
   mask (eager) or a boolean keep-mask (sdpa), (B, 1, N, Nk); Swin's shift mask is (nW, N, N)
@@ -182,6 +184,11 @@ class HFAttentionAdapter(AttentionAdapter):
         def on_rel_bias(mod, args, out):
             state["rel_pos_bias"] = out
 
+        def on_norm(key):
+            def hook(mod, args, out):
+                state[key] = (args[0] if args else None, out)
+            return hook
+
         def on_exit(mod, args, kwargs, out):
             if "q" not in state or "k" not in state:
                 state.clear()
@@ -213,9 +220,15 @@ class HFAttentionAdapter(AttentionAdapter):
             if extras:
                 info["extras"] = extras
             q, k = _to_heads(state.pop("q"), H), _to_heads(state.pop("k"), Hkv)
+            # after qk-norm: the normalized q, k as the module multiplies them (before its rope)
+            qn, kn = _normed_heads(state.get("q_norm"), H), _normed_heads(state.get("k_norm"), Hkv)
             state.clear()
             k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-            terms = _hf_terms(out, q, k, info, exact_qk=QK_NORM not in static and (ROPE not in static or bool(rotary)),
+            normed = qn is not None and kn is not None and qn.shape == q.shape and kn.shape[:2] == (q.shape[0], Hkv)
+            if normed:
+                kn = kn.repeat_interleave(groups, dim=1) if groups > 1 else kn
+            exact = (QK_NORM not in static or normed) and (ROPE not in static or bool(rotary))
+            terms = _hf_terms(out, qn if normed else q, kn if normed else k, info, exact_qk=exact,
                               rotary=_hf_rotary(rotary, info.get("rope")) if rotary else None,
                               causal=getattr(mod, "is_causal", False) is True)
             if terms is not None:
@@ -228,6 +241,11 @@ class HFAttentionAdapter(AttentionAdapter):
         rel = module._modules.get("relative_position_bias")
         if isinstance(rel, nn.Module):
             handles.append(rel.register_forward_hook(no_grad_hook(on_rel_bias)))
+        for names in _QK_NORM_NAMES:
+            norms = [module._modules.get(n) for n in names]
+            if all(isinstance(n, nn.Module) and not isinstance(n, nn.Identity) for n in norms):
+                handles += [n.register_forward_hook(no_grad_hook(on_norm(key)))
+                            for n, key in zip(norms, ("q_norm", "k_norm"))]
         handles.append(module.register_forward_hook(no_grad_hook(on_exit), with_kwargs=True))
         return handles
 
@@ -257,6 +275,29 @@ class HFAttentionAdapter(AttentionAdapter):
         return None
 
 
+def _normed_heads(seen, num_heads: int) -> Optional[torch.Tensor]:
+    """A qk-norm's output as (B, H, N, R), from its (input, output): a norm over the full width
+    (B, N, H·R) (InternVL, OLMo2) or over the head dim, on (B, N, H, R) (Qwen3) or (B, H, N, R)
+    (Gemma 3). Which axis holds the heads is read from the input, a view of the projection's
+    (B, N, H·R) output: its head axis has the smaller stride. None when it cannot be told."""
+    if seen is None:
+        return None
+    x, y = seen
+    if not isinstance(y, torch.Tensor):
+        return None
+    if y.dim() == 3 and y.shape[-1] % num_heads == 0:
+        return _to_heads(y, num_heads)
+    if y.dim() != 4 or num_heads not in y.shape[1:3]:
+        return None
+    if y.shape[1] != y.shape[2]:
+        heads_first = y.shape[1] == num_heads
+    elif isinstance(x, torch.Tensor) and x.shape == y.shape and x.stride(1) != x.stride(2):
+        heads_first = x.stride(1) < x.stride(2)
+    else:
+        return None
+    return y if heads_first else y.transpose(1, 2)
+
+
 def _hf_rotary(apply, rope) -> Optional[Any]:
     """x (B, H, N, R) → x with the module's rope, from its ``apply_rotary_pos_emb`` and the
     ``position_embeddings`` (cos, sin) of the call; None without them."""
@@ -272,10 +313,10 @@ def _hf_rotary(apply, rope) -> Optional[Any]:
 def _hf_terms(out, q: torch.Tensor, k: torch.Tensor, info: Dict[str, Any], exact_qk: bool,
               rotary=None, causal: bool = False) -> Optional[AttentionTerms]:
     """The module's attention: its own probabilities where it returns them (``output[1]`` under
-    eager attention), else — without qk-norm, rope applied by the module's own
-    ``apply_rotary_pos_emb`` — the emitted q, k with the bias and mask the module received. None
-    otherwise (the share then uses q, k before qk-norm / rope). ``causal``: the module's
-    ``is_causal``, which attention functions apply when they get no mask (sdpa)."""
+    eager attention), else the q, k it multiplies (after its qk-norm; rope applied by the
+    module's own ``apply_rotary_pos_emb``) with the bias and mask the module received. None
+    otherwise (``exact_qk`` False: the share then uses q, k before qk-norm / rope). ``causal``:
+    the module's ``is_causal``, which attention functions apply when they get no mask (sdpa)."""
     probs = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
     shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if isinstance(probs, torch.Tensor) and tuple(probs.shape) == shape:
