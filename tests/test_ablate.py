@@ -260,3 +260,30 @@ def test_torchvision_named_blocks_are_reused():
     kl, _ = direct(model, x, 2, 3, 0, KL)
     assert (kl > 1e-9).all()
     torch.testing.assert_close(r["effect"], kl, rtol=1e-3, atol=1e-9)
+
+
+def test_top_ranks_modes_by_the_share_of_the_actual_attention():
+    """BEiT adds a relative-position bias: --top's shares use the library's own probabilities
+    (as the probe's attn_share does), not the softmax of the bilinear logits."""
+    from peaked import record_timm_probs
+    from qkprobe.capture.ablate import attention_shares
+    from qkprobe.core.stats import STAT_INDEX, mode_statistics
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, depth=2, img_size=64, embed_dim=96,
+                              num_heads=3).eval()
+    peak_timm(model)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.relative_position_bias_table.normal_(0, 2)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    bases = qkprobe.compute_bases(model)
+    probs = record_timm_probs(model)
+    coords = qkprobe.mode_coordinates(model, x, bases=bases, dtype=torch.float64)
+    got = attention_shares(model, [x], bases)
+    share = STAT_INDEX["attn_share"]
+    for c, p, g in zip(coords, probs, got):
+        ref = mode_statistics(c.a, c.b, c.S, c.scale, prefix_tokens=c.prefix_tokens, probs=p.double())
+        bilinear = mode_statistics(c.a, c.b, c.S, c.scale, prefix_tokens=c.prefix_tokens)
+        want, old = ref[..., share].mean(0), bilinear[..., share].mean(0)
+        torch.testing.assert_close(g, want, rtol=1e-3, atol=1e-4)
+        assert (want - old).abs().max() > 0.02 * want.abs().max()  # the bias matters

@@ -82,20 +82,14 @@ def top_modes(shares: Sequence[Tensor], n: int) -> List[ModeRef]:
 
 
 def attention_shares(model: nn.Module, batches: Iterable[Tensor], bases: Sequence[LayerBases]) -> List[Tensor]:
-    """(H, R) per layer: each mode's share of its head's attention (``attn_share``), mean over images."""
-    from ..core.stats import STAT_INDEX, mode_statistics
-    from .coordinates import mode_coordinates
-    sums: List[Optional[Tensor]] = [None] * len(bases)
-    count = 0
-    for x in batches:
-        coords = mode_coordinates(model, x, bases=bases)
-        for li, c in enumerate(coords):
-            st = mode_statistics(c.a, c.b, c.S, c.scale, prefix_tokens=c.prefix_tokens or 0)
-            per = st[..., STAT_INDEX["attn_share"]].double()  # (B', H, R); B' counts windows where windowed
-            s = per.sum(0) * (x.shape[0] / per.shape[0])
-            sums[li] = s if sums[li] is None else sums[li] + s
-        count += x.shape[0]
-    return [s / max(count, 1) for s in sums]
+    """(H, R) per layer: each mode's share of its head's actual attention (``attn_share``: after
+    qk-norm and rope, with the bias and masks the module applies), mean over images. Recorded by a
+    probe without a file, so the share is the one ``qkprobe run --stats all`` stores."""
+    from .probe import attach
+    with attach(model, bases=list(bases), stats=["attn_share"], per_sample=False) as probe, torch.no_grad():
+        for x in batches:
+            model(x)
+    return [probe.aggregates(i).mean[..., 0] for i in range(len(probe.maps))]
 
 
 def output_kind(model: nn.Module, out: Any) -> str:
