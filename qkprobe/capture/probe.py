@@ -45,6 +45,8 @@ from ..state.run_state import SCORES, stores_snapshot_rows
 from .events import QKEvent, capture_events
 
 Tensor = torch.Tensor
+#: the columns of a statistics row the top-k ranks samples by
+_SCORE_COLUMNS = tuple(STAT_INDEX[s] for s in SCORES)
 
 
 @dataclass
@@ -123,8 +125,7 @@ class Probe:
         for site in self.sites:
             lb = by_name.get(site.name) or layer_bases(site, model, n_prefix=self._n_prefix)
             self.maps.append(LayerMaps(lb, _heads(o.heads, site.name, lb.num_heads)))
-        shapes = [(lb.num_heads if m.heads is None else len(m.heads), lb.num_modes)
-                  for m in self.maps for lb in (m.bases,)]
+        shapes = [(m.bases.num_heads if m.heads is None else len(m.heads), m.bases.num_modes) for m in self.maps]
         self.rank, self.world = rank_and_world()
         self.out = out
         path = None if out is None else (shard_path(out, self.rank) if self.world > 1 else out)
@@ -272,7 +273,7 @@ class Probe:
             B = self._batch  # windowed attention sees B · windows rows
         ids, labels = self._take_ids(B)
         stats = self.collected.finish(B)  # per group (L, B, H, R, len(STAT_NAMES))
-        self.state.add(stats, tuple(STAT_INDEX[s] for s in SCORES), self._stored)
+        self.state.add(stats, _SCORE_COLUMNS, self._stored)
         if self.sink is not None:
             self.sink.put(self.state, stats, ids, labels, [self._step] * B, self.training)
 

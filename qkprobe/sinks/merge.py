@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import RunFileError
 from ..state import ShardSnapshot, merge_series, merge_snapshots
+from ..state.run_state import covered_rows
 from . import schema
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def _committed_state(run, path: str) -> _Shard:
                                  {name: (tuple(v.shape), v.dtype.str) for name, v in values.items()},
                                  {name: (tuple(v.shape[1:]), v.dtype.str) for name, v in points.items()},
                                  extra, run.bases(i)))
-        covered = ShardSnapshot(path, values, 0, rows, names).covered
+        covered = covered_rows(values, rows)
         after.append(run.stats(i, rows=slice(covered, rows)) if run.per_sample and covered < rows else None)
     meta = run.metadata
     return _Shard(path=path, rows=rows, skipped=run.skipped, ids=run.ids, steps=run.steps, snapshots=snapshots,

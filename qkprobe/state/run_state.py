@@ -124,7 +124,7 @@ class RunState:
         self.samples = len(run)
         for g in self.groups:
             snaps = [committed[i] for i in g.layers]
-            covered = int(snaps[0].get(SNAPSHOT_ROWS, self.samples))
+            covered = covered_rows(snaps[0], self.samples)
             if covered > 0:  # 0: no snapshot yet (its arrays are zeros); the fresh state it is
                 g.topk.load_state_dict(_fields(snaps, TOPK))
                 g.agg.load_state_dict(_fields(snaps, AGG))
@@ -147,6 +147,12 @@ class RunState:
         """Non-finite per-sample statistics seen so far, per layer."""
         counts = {i: n for g in self.groups for i, n in zip(g.layers, g.nonfinite_per_layer())}
         return [int(counts[i]) for i in range(len(self.place))]
+
+
+def covered_rows(snapshot: Dict[str, np.ndarray], rows: int) -> int:
+    """How many of a file's ``rows`` committed rows a layer's snapshot covers: its
+    :data:`SNAPSHOT_ROWS`, or all of them in a file from before it (a snapshot with every batch)."""
+    return int(snapshot.get(SNAPSHOT_ROWS, rows))
 
 
 def _fields(snaps: List[Dict[str, np.ndarray]], prefix: str) -> Dict[str, np.ndarray]:
@@ -206,8 +212,7 @@ class ShardSnapshot:
 
     @property
     def covered(self) -> int:
-        """The rows its snapshot covers (all of them in a file from before ``snapshot_rows``)."""
-        return int(self.values.get(SNAPSHOT_ROWS, self.rows))
+        return covered_rows(self.values, self.rows)
 
 
 def merge_snapshots(parts: Sequence[ShardSnapshot]) -> Dict[str, np.ndarray]:
