@@ -4,9 +4,11 @@
                                       [--batches 10] [--rounds 3] [--out-dir DIR]
 
 All in one run, per model (random init; speed does not depend on the weights), same inputs:
-0. a correctness check: the Triton statistics (backend "triton", the default on CUDA) against the
-   torch path on one batch (max abs difference per statistic, printed; the run stops if they
-   disagree);
+0. correctness checks: the Triton statistics (backend "triton", the default on CUDA) against the
+   torch path on one batch (max abs difference per statistic, printed), and the asynchronous row
+   copies (pinned buffers on a side stream, handed to the writer a batch later) against the same
+   batches handed over synchronously (a snapshot with every batch): rows, ids and top-k must be
+   identical. The run stops if either check fails;
 1. plain forward (bf16 weights and inputs, no_grad, eval), images/s;
 2. the probe with default statistics writing HDF5, per-sample rows on (float32) and off, in
    rounds of plain, rows-on, plain, rows-off, plain: each ratio is against the mean of the two
@@ -72,6 +74,7 @@ def bench_model(name, args, tmp, dev) -> None:
     model = model.to(torch.bfloat16)
     x = torch.randn(args.batch, 3, *model.default_cfg["input_size"][1:], device=dev, dtype=torch.bfloat16)
     check(model, x[:8], bases, tmp, DEFAULT_STATS)
+    check_pinned(model, x[:16], bases, tmp)
 
     def block():
         torch.cuda.synchronize()
@@ -148,6 +151,33 @@ def check(model, x, bases, tmp, stat_names) -> None:
         f"{n} {w:.1e}" for n, w in zip(stat_names, worst)))
     if not np.all(worst < 1e-2):
         fail("the Triton statistics disagree with the torch path; report this with the line above.")
+
+
+def check_pinned(model, x, bases, tmp, batches: int = 6) -> None:
+    """The CUDA row hand-off: batches of different images recorded with deferred copies (the
+    default) and with a synchronous hand-off every batch give the same file."""
+    import numpy as np
+    import torch
+
+    import qkprobe
+    inputs = [x.roll(i, dims=0) * (1 + 0.1 * i) for i in range(batches)]
+    got = {}
+    for name, every in (("deferred", 3600.0), ("synchronous", 0.0)):
+        path = os.path.join(tmp, f"pinned-{name}.h5")
+        with qkprobe.attach(model, path, bases=bases, snapshot_every_s=every) as probe, torch.no_grad():
+            for i, xi in enumerate(inputs):
+                probe.set_ids([f"b{i}s{j}" for j in range(len(xi))])
+                model(xi)
+        with qkprobe.open_run(path) as run:
+            got[name] = (run.ids, [run.stats(i) for i in range(len(run.layer_names))],
+                         [run.snapshot(i, "topk_index") for i in range(len(run.layer_names))])
+        os.unlink(path)
+    (ids, rows, topk), (ids2, rows2, topk2) = got["deferred"], got["synchronous"]
+    same = ids == ids2 and all(np.array_equal(a, b, equal_nan=True) for a, b in zip(rows, rows2)) \
+        and all(np.array_equal(a, b) for a, b in zip(topk, topk2))
+    print(f"  check pinned row copies over {batches} batches: {'identical' if same else 'DIFFERENT'}")
+    if not same:
+        fail("the asynchronous row copies differ from a synchronous hand-off; report this with the line above.")
 
 
 def official(model, images, dev) -> float:
