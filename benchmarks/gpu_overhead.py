@@ -160,6 +160,7 @@ def check_pinned(model, x, bases, tmp, batches: int = 6) -> None:
     import torch
 
     import qkprobe
+    from qkprobe.state import TOPK_INDEX
     inputs = [x.roll(i, dims=0) * (1 + 0.1 * i) for i in range(batches)]
     got = {}
     for name, every in (("deferred", 3600.0), ("synchronous", 0.0)):
@@ -170,7 +171,7 @@ def check_pinned(model, x, bases, tmp, batches: int = 6) -> None:
                 model(xi)
         with qkprobe.open_run(path) as run:
             got[name] = (run.ids, [run.stats(i) for i in range(len(run.layer_names))],
-                         [run.snapshot(i, "topk_index") for i in range(len(run.layer_names))])
+                         [run.snapshot(i, TOPK_INDEX) for i in range(len(run.layer_names))])
         os.unlink(path)
     (ids, rows, topk), (ids2, rows2, topk2) = got["deferred"], got["synchronous"]
     same = ids == ids2 and all(np.array_equal(a, b, equal_nan=True) for a, b in zip(rows, rows2)) \
