@@ -151,7 +151,10 @@ def test_real_write_error_from_the_os_keeps_committed_rows(tmp_path):
     so only the message and the file are checked, not the exit code.
     """
     path = tmp_path / "run.h5"
-    child = Child(path, 7, "--max-file-bytes", str(1_000_000), "--min-free-bytes", "0")
+    # paced, so the writer keeps up and commits batch by batch before the limit: unpaced on a
+    # loaded machine it may queue every batch up to the limit without a commit (it then commits
+    # every commit_interval_s), and there are no committed rows to keep
+    child = Child(path, 7, "--max-file-bytes", str(1_000_000), "--min-free-bytes", "0", "--sleep", "0.01")
     child.finish(timeout=60)
     errors = [line for line in child.lines if line.startswith("error ")]
     assert len(errors) == 1, child.lines
