@@ -150,12 +150,36 @@ def test_an_error_inside_a_reducer_names_the_layer_and_the_shapes():
     assert "blocks.0.attn" in text and "(2, 3, 5, 64)" in text and "prefix_tokens=99" in text
 
 
+class _CopyStream:
+    """A fake CUDA copy stream: ``copier(group, stats)`` returns, as PinnedCopies does, a host buffer
+    (stale until its copy lands: NaN) and an event; the copies land in order, only when the test
+    lets the device run (:meth:`run`) or the host waits for one (``event.synchronize()``, logged)."""
+
+    def __init__(self, log):
+        self.log, self.copies, self.landed = log, [], 0
+
+    def copier(self, group, st):
+        host = np.full(tuple(st.shape), np.nan, np.float32)
+        self.copies.append((host, st.numpy().copy()))
+        return host, _Event(self, len(self.copies) - 1)
+
+    def run(self, upto=None):
+        upto = len(self.copies) if upto is None else upto
+        for host, src in self.copies[self.landed:upto]:
+            host[...] = src
+        self.landed = max(self.landed, upto)
+
+
 class _Event:
-    def __init__(self, log, n):
-        self.log, self.n = log, n
+    def __init__(self, stream, n):
+        self.stream, self.n = stream, n
+
+    def query(self):
+        return self.n < self.stream.landed
 
     def synchronize(self):
-        self.log.append(("sync", self.n))
+        self.stream.log.append(("sync", self.n))
+        self.stream.run(self.n + 1)
 
 
 class _Writer:
@@ -172,36 +196,89 @@ class _Writer:
         self.log.append(("close",))
 
 
-def test_rows_copied_asynchronously_reach_the_writer_in_order_and_never_before_their_copy():
+SCORE_COLUMNS = (STAT_INDEX["score_pos"], STAT_INDEX["score_neg"])
+
+
+def _sink(columns, every_s=3600.0):
+    """A RunSink of two layers (one group) on a fake copy stream, its run state and its log."""
     from qkprobe.sinks.hdf5_writer import LayerSpec
     from qkprobe.sinks.run_sink import RunSink
-    from qkprobe.state import TrainingSeries
-    shapes, S = [(2, 3), (2, 3)], len(STAT_NAMES)
-    state = RunState(shapes, 4, top_samples=2)
+    state = RunState([(2, 3), (2, 3)], 4, top_samples=2)
     writer = _Writer([LayerSpec(f"l{i}", 2, 3) for i in range(2)], list(STAT_NAMES[:4]))
-    log, copies = writer.log, []
+    stream = _CopyStream(writer.log)
+    sink = RunSink(writer, [g.layers for g in state.groups], columns, snapshot_every_s=every_s,
+                   release=lambda *a: None, copier=stream.copier)
+    return sink, state, stream, writer.log
 
-    def copier(group, st):  # as PinnedCopies: a host buffer filled "later", and its event
-        copies.append(len(copies))
-        return st.numpy().copy(), _Event(log, copies[-1])
 
-    sink = RunSink(writer, [g.layers for g in state.groups], slice(0, 4), snapshot_every_s=3600.0,
-                   release=lambda *a: None, copier=copier)
+def _put(sink, state, st, ids, series):
+    state.add([st], SCORE_COLUMNS, torch.arange(4))
+    sink.put(state, [st], ids, None, [-1] * len(ids), series)
+
+
+def _writes(log):
+    return [e for e in log if e[0] == "write"]
+
+
+@pytest.mark.parametrize("columns", [slice(0, 4), np.array([0, 2, 5, 11])], ids=["consecutive", "scattered"])
+def test_stored_columns_are_taken_from_the_host_rows_only_after_their_copy_landed(columns):
+    from qkprobe.state import TrainingSeries
+    sink, state, stream, log = _sink(columns)
     series = TrainingSeries([])
-    batches = [_stats(2, 2, 2, 3, S, seed) for seed in range(3)]
+    batches = [_stats(2, 2, 2, 3, len(STAT_NAMES), seed) for seed in range(4)]
     for n, st in enumerate(batches):
-        state.add([st], (STAT_INDEX["score_pos"], STAT_INDEX["score_neg"]), torch.arange(4))
-        sink.put(state, [st], [f"b{n}a", f"b{n}b"], None, [-1, -1], series)
-        # the forward never waits: only the batch before this one has been written
-        assert [e[1] for e in log if e[0] == "write"] == [[f"b{m}a", f"b{m}b"] for m in range(n)]
-    sink.snapshot_every_s = 0.0  # a snapshot is due: this batch goes to the writer at once, after its copy
-    state.add([batches[0]], (STAT_INDEX["score_pos"], STAT_INDEX["score_neg"]), torch.arange(4))
-    sink.put(state, [batches[0]], ["c", "d"], None, [-1, -1], series)
+        _put(sink, state, st, [f"b{n}a", f"b{n}b"], series)
     sink.close(state, series)
-    writes = [e for e in log if e[0] == "write"]
-    assert [w[1] for w in writes] == [["b0a", "b0b"], ["b1a", "b1b"], ["b2a", "b2b"], ["c", "d"], []]
-    assert [w[3] for w in writes] == [False, False, False, True, True]
-    for n, w in enumerate(writes[:3]):  # each after its own copy's event, with the stored columns
-        assert log.index(("sync", n)) < log.index(w)
+    writes = _writes(log)
+    assert [w[1] for w in writes] == [[f"b{n}a", f"b{n}b"] for n in range(4)] + [[]]
+    for n, w in enumerate(writes[:4]):  # never the stale (NaN) pinned memory
+        for layer in range(2):
+            np.testing.assert_array_equal(w[2][layer], batches[n][layer][..., columns].numpy())
+
+
+def test_rows_copied_asynchronously_reach_the_writer_in_order_and_the_host_waits_only_to_reuse_a_buffer():
+    from qkprobe.sinks.run_sink import MAX_IN_FLIGHT
+    from qkprobe.state import TrainingSeries
+    sink, state, stream, log = _sink(slice(0, 4))
+    series = TrainingSeries([])
+    batches = [_stats(2, 2, 2, 3, len(STAT_NAMES), seed) for seed in range(MAX_IN_FLIGHT + 2)]
+    for n, st in enumerate(batches):  # a device that never gets ahead: the copies land only when waited for
+        _put(sink, state, st, [f"b{n}a", f"b{n}b"], series)
+        written = max(0, n + 1 - MAX_IN_FLIGHT)  # a batch is written where its buffer is about to be reused
+        assert [w[1] for w in _writes(log)] == [[f"b{m}a", f"b{m}b"] for m in range(written)]
+    assert [e for e in log if e[0] == "sync"] == [("sync", m) for m in range(2)]
+    stream.run()  # the device caught up: the rest is written at the next batch, with no wait
+    sink.snapshot_every_s = 0.0  # a snapshot is due: this batch goes to the writer at once, after its copy
+    _put(sink, state, batches[0], ["c", "d"], series)
+    sink.close(state, series)
+    writes = _writes(log)
+    assert [w[1] for w in writes] == [[f"b{m}a", f"b{m}b"] for m in range(len(batches))] + [["c", "d"], []]
+    assert [w[3] for w in writes] == [False] * len(batches) + [True, True]
+    assert [e for e in log if e[0] == "sync"] == [("sync", 0), ("sync", 1), ("sync", len(batches))]
+    for n, w in enumerate(writes[:len(batches)]):  # each after its own copy, with the stored columns
         np.testing.assert_array_equal(w[2][1], batches[n][1][..., :4].numpy())
     assert log[-1] == ("close",)
+
+
+def test_the_host_waits_for_the_device_only_with_a_snapshot_and_at_close(monkeypatch):
+    from qkprobe.sinks import run_sink
+    from qkprobe.state import TrainingSeries
+    clock = [0.0]
+    monkeypatch.setattr(run_sink.time, "monotonic", lambda: clock[0])
+    sink, state, stream, log = _sink(slice(0, 4), every_s=4.0)
+    snapshots = []
+    monkeypatch.setattr(state, "snapshot", lambda: snapshots.append(len(snapshots)) or RunState.snapshot(state))
+    series = TrainingSeries([])
+    N = 13
+    for n in range(N):  # one batch a second; the copy of each lands during the next forward
+        clock[0] += 1.0
+        _put(sink, state, _stats(2, 2, 2, 3, len(STAT_NAMES), n), [f"b{n}a", f"b{n}b"], series)
+        if n < N - 1:
+            stream.run()
+    sink.close(state, series)  # the last batch's copy has not landed yet
+    writes = _writes(log)
+    assert [w[1] for w in writes[:N]] == [[f"b{n}a", f"b{n}b"] for n in range(N)]
+    assert [n for n, w in enumerate(writes[:N]) if w[3]] == [3, 7, 11]  # every 4 s
+    assert len(snapshots) == 3 + 1  # and at close: the state is read from the device nowhere else
+    # one wait per snapshot (for its own batch's copy) and one at close (the batch in flight)
+    assert [e for e in log if e[0] == "sync"] == [("sync", 3), ("sync", 7), ("sync", 11), ("sync", N - 1)]

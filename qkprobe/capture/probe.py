@@ -37,9 +37,8 @@ from ..core.stats import ATTENTION_STATS, DEFAULT_STATS, STAT_INDEX, STAT_NAMES
 from ..core.streaming import Aggregates
 from ..distributed import finish_shards, rank_and_world, shard_path
 from ..errors import QKProbeError, UsageError
-from ..reduce.backend import resolve as resolve_backend
 from ..reduce.batch import ForwardStats
-from ..reduce.reducer import LayerMaps, ReduceOptions, make_reducer
+from ..reduce.reducer import Fallback, LayerMaps, ReduceOptions, reducer_for
 from ..state import RunState, TrainingSeries
 from ..state.run_state import SCORES, stores_snapshot_rows
 from .events import QKEvent, capture_events
@@ -68,7 +67,8 @@ class ProbeOptions:
     more attention pass per layer (on CPU about as much as the model's own attention). Top-k
     optimal samples use the scores either way.
     backend: who computes the statistics: "auto" (Triton kernels for CUDA tensors, the compiled
-    C kernels on the CPU, else torch), "torch", "native" or "triton" (:mod:`qkprobe.reduce`).
+    C kernels on the CPU, else torch; where they cannot run or fail, the torch path after one
+    warning), "torch", "native" or "triton" (:mod:`qkprobe.reduce`; these raise where they cannot run).
     snapshot_every_s: seconds between writes of the top-k and aggregate snapshot (also written
     at close); rows are committed every batch. backend and snapshot_every_s change how, not what,
     a probe records: they are not part of :meth:`record` (a resume may change them).
@@ -110,17 +110,20 @@ class Probe:
             raise UsageError(f"attach: topk={o.topk} averages no tokens; pass topk ≥ 1.")
         self.stat_names = _stat_names(o.stats)
         cols = [STAT_INDEX[n] for n in self.stat_names]
-        self._stored = None if len(cols) == len(STAT_NAMES) else torch.tensor(cols)  # aggregated columns
+        device = _model_device(model)
+        # the aggregated columns, on the state's device (a host index would be copied, and the
+        # device synchronized, with every batch)
+        self._stored = None if len(cols) == len(STAT_NAMES) else torch.tensor(cols, device=device)
         # the stored columns of a row; a slice (a view, no copy) when they are consecutive, as
         # the default set is
         row_cols = slice(cols[0], cols[-1] + 1) if cols == list(range(cols[0], cols[-1] + 1)) else np.asarray(cols)
         self._n_prefix = prefix_tokens(model)
         by_name = {b.name: b for b in bases} if bases is not None else {}
         self.sites = _select(find_attention(model), o.layers)
-        device = _model_device(model)
         self._reduce_options = ReduceOptions(o.topk, o.include_prefix,
                                              attention=bool(set(ATTENTION_STATS) & set(self.stat_names)))
-        self._reducers = {device: make_reducer(resolve_backend(o.backend, device), self._reduce_options)}
+        self._fallback = Fallback()  # auto's move to the torch path: one warning per probe
+        self._reducers = {device: reducer_for(o.backend, device, self._reduce_options, self._fallback)}
         self.maps: List[LayerMaps] = []
         for site in self.sites:
             lb = by_name.get(site.name) or layer_bases(site, model, n_prefix=self._n_prefix)
@@ -245,8 +248,8 @@ class Probe:
             return
         reducer = self._reducers.get(event.q.device)
         if reducer is None:
-            reducer = self._reducers[event.q.device] = make_reducer(
-                resolve_backend(self.options.backend, event.q.device), self._reduce_options)
+            reducer = self._reducers[event.q.device] = reducer_for(
+                self.options.backend, event.q.device, self._reduce_options, self._fallback)
         maps = self.maps[event.layer]
         with torch.no_grad():
             try:

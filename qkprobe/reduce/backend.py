@@ -1,13 +1,15 @@
 """Which reducer computes a layer's statistics: ``auto``, ``torch``, ``native`` or ``triton``.
 
 ``auto`` takes the Triton kernels for CUDA tensors (where triton imports), the compiled C kernels
-(:mod:`qkprobe.core.native`) on the CPU where they build, else the torch path. A forced backend
+(:mod:`qkprobe.core.native`) on the CPU where they build, else the torch path; :func:`choose` also
+says why ``auto`` missed the fast backend of a device (the probe warns once). A forced backend
 that cannot run on the tensors' device raises :class:`qkprobe.errors.BackendError`.
 """
 
 from __future__ import annotations
 
-from typing import Union
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 
@@ -32,17 +34,27 @@ def _triton_supports(device: torch.device) -> bool:
     return triton_stats.supports(device)
 
 
+@dataclass(frozen=True)
+class Choice:
+    """The backend that runs (``torch``, ``native`` or ``triton``) and, under ``auto``, why the
+    device's fast backend does not (None: it does, or the device has none, or it was turned off)."""
+
+    name: str
+    missed: Optional[str] = None
+
+
 def resolve(name: str, device: Union[str, torch.device]) -> str:
     """The backend that runs for tensors on ``device``: ``name`` itself when forced, the best one
     for ``auto``. Raises BackendError where a forced backend cannot run there."""
+    return choose(name, device).name
+
+
+def choose(name: str, device: Union[str, torch.device]) -> Choice:
+    """:func:`resolve`, with the reason ``auto`` fell back to the torch path where it did."""
     check(name)
     device = torch.device(device)
     if name == "auto":
-        if device.type == "cuda" and _triton_supports(device):
-            return "triton"
-        if device.type == "cpu" and native.enabled() and native.library() is not None:
-            return "native"
-        return "torch"
+        return _auto(device)
     if name == "triton" and not _triton_supports(device):
         why = "triton does not import" if not _triton_importable() else \
             f"its kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not on {device}"
@@ -54,7 +66,23 @@ def resolve(name: str, device: Union[str, torch.device]) -> str:
         if not native.enabled() or native.library() is None:
             raise BackendError("reduce: backend 'native' cannot run: its C kernels are off (QKPROBE_NATIVE=0) or "
                                "did not build (no C compiler); choose --backend auto or torch.")
-    return name
+    return Choice(name)
+
+
+def _auto(device: torch.device) -> Choice:
+    if device.type == "cuda":
+        if _triton_supports(device):
+            return Choice("triton")
+        return Choice("torch", "the Triton kernels cannot run (triton does not import)")
+    if device.type == "cpu" and native.enabled():
+        try:
+            built = native.library() is not None
+        except Exception as exc:  # noqa: BLE001 - any build failure: the torch path
+            return Choice("torch", f"the compiled C kernels failed to load ({type(exc).__name__}: {exc})")
+        if built:
+            return Choice("native")
+        return Choice("torch", "the compiled C kernels did not build (no C compiler, or its build failed)")
+    return Choice("torch")  # another device, or QKPROBE_NATIVE=0: the torch path as asked
 
 
 def _triton_importable() -> bool:

@@ -8,11 +8,15 @@ into the layer's per-sample statistics (B, H, R, len(STAT_NAMES)), one reducer p
 
 Both use the module's actual attention for ``attn_contrib`` / ``attn_share`` (the event's
 :class:`~qkprobe.adapters.base.AttentionTerms`). :func:`make_reducer` builds the one a backend
-name (:func:`qkprobe.reduce.backend.resolve`) stands for.
+name (:func:`qkprobe.reduce.backend.resolve`) stands for; :func:`reducer_for` the one a probe
+uses, where ``auto`` falls back to the torch path (:class:`FallbackReducer`, one warning per probe)
+when the fast backend cannot run or fails.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -24,6 +28,8 @@ from ..capture.coordinates import per_head_matmul
 from ..capture.events import QKEvent
 from ..core import native
 from ..core.stats import mode_statistics
+from ..errors import BackendError, QKProbeError
+from . import backend
 
 Tensor = torch.Tensor
 
@@ -44,6 +50,7 @@ class LayerMaps:
 
     def __init__(self, bases: LayerBases, heads: Optional[Tensor] = None):
         self.heads = heads
+        self._heads_on: Optional[Tensor] = heads  # the heads on the statistics' device (no copy per call)
         self.set_bases(bases)
 
     def set_bases(self, bases: LayerBases) -> None:
@@ -75,7 +82,11 @@ class LayerMaps:
 
     def select_heads(self, st: Tensor) -> Tensor:
         """(B, H, R, S) of every head → the recorded heads'."""
-        return st if self.heads is None else st.index_select(1, self.heads.to(st.device))
+        if self.heads is None:
+            return st
+        if self._heads_on.device != st.device:  # once: a host→device copy per call would sync the device
+            self._heads_on = self.heads.to(st.device)
+        return st.index_select(1, self._heads_on)
 
 
 class TorchReducer:
@@ -114,7 +125,32 @@ class TritonReducer:
         self.options = options
 
     def __call__(self, event: QKEvent, maps: LayerMaps, out: Optional[Tensor] = None) -> Tensor:
-        from .triton_stats import mode_statistics_qk
+        """As :class:`TorchReducer`, launched on the tensors' own device. Raises BackendError for
+        what the kernels do not take (float64, topk past their lists) and where they fail to
+        compile or launch (the cause chained)."""
+        from . import triton_stats
+        unsupported = self.unsupported(event, triton_stats.KMAX)
+        if unsupported:
+            raise BackendError(f"reduce: the Triton kernels do not take {unsupported}; choose backend 'torch' "
+                               f"(or 'auto', which falls back to it).")
+        try:
+            with on_device(event.q.device):  # a model on cuda:1 launches there, whatever the current device
+                return self._launch(triton_stats.mode_statistics_qk, event, maps, out)
+        except (QKProbeError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - compile errors, out of shared memory, no C compiler, ...
+            raise BackendError(f"reduce: the Triton kernels failed ({type(exc).__name__}: {_first_line(exc)}); "
+                               f"choose backend 'torch' (or 'auto', which falls back to it).") from exc
+
+    def unsupported(self, event: QKEvent, kmax: int) -> Optional[str]:
+        """What of this call the kernels do not take, or None."""
+        if torch.float64 in (event.q.dtype, event.k.dtype):
+            return "float64 q/k"
+        if min(self.options.topk, event.q.shape[-2], event.k.shape[-2]) > kmax:
+            return f"topk={self.options.topk} (their top-k lists hold at most {kmax} tokens)"
+        return None
+
+    def _launch(self, mode_statistics_qk, event: QKEvent, maps: LayerMaps, out: Optional[Tensor]) -> Tensor:
         o, lb = self.options, maps.bases
         q, k = event.q, event.k
         coord_q, coord_k, S, _ = maps.float_maps(q.device)
@@ -144,3 +180,70 @@ def make_reducer(backend: str, options: ReduceOptions):
     if backend == "triton":
         return TritonReducer(options)
     return TorchReducer(options, native=backend == "native")
+
+
+def on_device(device: torch.device):
+    """Kernel launches on ``device``: CUDA tensors' own device made the current one (Triton launches
+    on the current device), nothing to do for others."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class Fallback:
+    """One probe's move from ``auto``'s fast backend to the torch path: said by one warning, and
+    once it happened (a fast reducer failed) every :class:`FallbackReducer` of the probe takes the
+    torch path directly."""
+
+    def __init__(self):
+        self.said = False
+        self.failed = False
+
+    def warn(self, reason: str) -> None:
+        if not self.said:
+            self.said = True
+            warnings.warn(f"qkprobe: backend 'auto' computes the statistics by the torch path: {reason}.",
+                          RuntimeWarning, stacklevel=2)
+
+
+class FallbackReducer:
+    """``auto``'s fast reducer (``triton`` or ``native``) until a call of it fails where the torch
+    path succeeds; then the torch path, for that call and every later one."""
+
+    def __init__(self, fast, fallback: Fallback, options: ReduceOptions):
+        self.fast, self.fallback = fast, fallback
+        self.torch = make_reducer("torch", options)
+
+    @property
+    def name(self) -> str:
+        return self.torch.name if self.fallback.failed else self.fast.name
+
+    def __call__(self, event: QKEvent, maps: LayerMaps, out: Optional[Tensor] = None) -> Tensor:
+        if self.fallback.failed:
+            return self.torch(event, maps, out)
+        try:
+            return self.fast(event, maps, out)
+        except Exception as exc:  # noqa: BLE001 - whatever the fast path raised
+            st = self.torch(event, maps, out)  # raises the user's own error where the torch path fails too
+            self.fallback.failed = True
+            cause = exc.__cause__ if isinstance(exc, BackendError) and exc.__cause__ is not None else exc
+            self.fallback.warn(f"backend {self.fast.name!r} failed ({type(cause).__name__}: {_first_line(cause)})")
+            return st
+
+
+def reducer_for(name: str, device, options: ReduceOptions, fallback: Optional[Fallback] = None):
+    """The reducer a probe uses for tensors on ``device``: ``name`` resolved
+    (:func:`qkprobe.reduce.backend.choose`); under ``auto`` a fast backend falls back to the torch
+    path (:class:`FallbackReducer`), and one that cannot run here is said by ``fallback``'s warning.
+    A forced backend runs as chosen and raises where it cannot."""
+    fallback = fallback or Fallback()
+    choice = backend.choose(name, device)
+    if choice.missed:
+        fallback.warn(choice.missed)
+    reducer = make_reducer(choice.name, options)
+    if name == "auto" and choice.name != "torch":
+        return FallbackReducer(reducer, fallback, options)
+    return reducer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"

@@ -3,14 +3,18 @@ every ``snapshot_every_s`` seconds, handed to the background HDF5 writer
 (:class:`~qkprobe.sinks.hdf5_writer.RunWriter`).
 
 The forward pass never waits for the device→host copy: on CUDA the rows are copied into reused
-pinned buffers on a side stream and handed to the writer when their event has fired (at the next
-batch or at close); on the CPU they are plain views the writer copies.
+pinned buffers on a side stream and handed to the writer once their event has fired, seen
+without waiting at a later batch; the host waits for a copy only where its pinned buffer is
+about to be reused (:data:`MAX_IN_FLIGHT` batches on their way), and with a snapshot or at close.
+On the CPU the rows are plain views the writer copies.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,6 +23,8 @@ from ..state import RunState, TrainingSeries, series_spec
 from .hdf5_writer import LayerSpec, RunWriter
 
 Tensor = torch.Tensor
+#: batches whose rows may be on their way to the host at once (at most this many pinned buffers per group)
+MAX_IN_FLIGHT = 3
 
 
 def layer_specs(names: Sequence[str], bases: Sequence, heads: Sequence[Optional[Tensor]], state: RunState) -> list:
@@ -41,35 +47,65 @@ def host_view(group: int, stats: Tensor) -> Tuple[np.ndarray, None]:
 
 
 class PinnedCopies:
-    """CUDA rows (L, B, H, R, S): an asynchronous copy into one of two reused pinned host buffers
-    per group, on a side stream; returns the host array and the CUDA event that fires when it is
-    filled. ``release(group, stats, event)`` lets the statistics' owner keep the next forward off
-    the device buffer until then."""
+    """CUDA rows (L, B, H, R, S): an asynchronous copy into a pinned host buffer of the group, on
+    a side stream of the rows' device; returns the host array and the CUDA event that fires when
+    it is filled. The buffer is the copier's again after ``recycle(group, host)`` (the rows were
+    written); a new one is made only while every buffer of the group is lent.
+    ``release(group, stats, event)`` lets the statistics' owner keep the next forward off the
+    device buffer until the event."""
 
     def __init__(self, release: Callable[[int, Tensor, Any], None]):
         self.release = release
-        self._pinned: dict = {}   # group → two pinned buffers
-        self._turn: dict = {}     # group → the buffer to fill next
-        self._stream = None
+        self._free: dict = {}     # group → pinned buffers not lent
+        self._lent: dict = {}     # id of a lent host array → its pinned buffer
+        self._streams: dict = {}  # device → its copy stream
 
     def __call__(self, group: int, st: Tensor):
-        main = torch.cuda.current_stream(st.device)
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(st.device)
-        pinned = self._pinned.get(group)
-        if pinned is None or pinned[0].shape != st.shape:
-            pinned = self._pinned[group] = [torch.empty(st.shape, dtype=st.dtype, pin_memory=True) for _ in range(2)]
-            self._turn[group] = 0
-        buf = pinned[self._turn[group]]
-        self._turn[group] ^= 1
-        self._stream.wait_stream(main)  # the statistics of this forward are written
-        with torch.cuda.stream(self._stream):
+        stream = self._streams.get(st.device)
+        if stream is None:
+            stream = self._streams[st.device] = torch.cuda.Stream(st.device)
+        buf = self._take(group, st)
+        stream.wait_stream(torch.cuda.current_stream(st.device))  # the statistics of this forward are written
+        with torch.cuda.stream(stream):
             buf.copy_(st, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record(self._stream)
-        st.record_stream(self._stream)  # its memory is not reused before the copy is done
+            ready.record(stream)
+        st.record_stream(stream)  # its memory is not reused before the copy is done
         self.release(group, st, ready)
-        return buf.numpy(), ready
+        host = buf.numpy()
+        self._lent[id(host)] = buf
+        return host, ready
+
+    def recycle(self, group: int, host: np.ndarray) -> None:
+        """The rows in ``host`` were written: its buffer may take another batch."""
+        self._free.setdefault(group, []).append(self._lent.pop(id(host)))
+
+    def _take(self, group: int, st: Tensor) -> Tensor:
+        free = self._free.setdefault(group, [])
+        while free:
+            buf = free.pop()
+            if buf.shape == st.shape and buf.dtype == st.dtype:
+                return buf
+        return torch.empty(st.shape, dtype=st.dtype, pin_memory=True)
+
+
+@dataclass
+class _InFlight:
+    """A batch whose rows are still being copied: the writer's arguments (rows as whole host rows
+    of every statistic, the stored columns taken once they are filled), the events that fire
+    when they are, and per group the host array to give back to the copier."""
+
+    batch: dict
+    events: list
+    hosts: List[Tuple[int, Any]]
+
+    def done(self) -> bool:
+        return all(e.query() for e in self.events)
+
+    def wait(self) -> None:
+        for e in self.events:
+            if not e.query():
+                e.synchronize()
 
 
 class RunSink:
@@ -83,8 +119,10 @@ class RunSink:
             every batch (a file from before ``snapshot_rows`` is continued as it was made).
         release: called as ``release(group, stats, event)`` when a group's device statistics are
             being copied until the CUDA ``event`` (the next forward must not overwrite them).
-        copier: ``copier(group, stats) -> (host array, event or None)``; None: :func:`host_view`
-            for CPU statistics, :class:`PinnedCopies` for CUDA ones.
+        copier: ``copier(group, stats) -> (host array, event or None)``, where an event has
+            ``query()`` and ``synchronize()``, and the copier may have ``recycle(group, host)``
+            (called once the host array was written); None: :func:`host_view` for CPU statistics,
+            :class:`PinnedCopies` for CUDA ones.
     """
 
     def __init__(self, writer: RunWriter, groups: Sequence[List[int]], columns, *,
@@ -98,32 +136,32 @@ class RunSink:
         self.release = release
         self.copier = copier
         self._last_snapshot = time.monotonic()
-        self._in_flight: Optional[dict] = None  # a batch whose rows are still being copied
+        self._in_flight: Deque[_InFlight] = deque()  # oldest first
 
     # ---- per batch ----------------------------------------------------------------------------
 
     def put(self, state: RunState, stats: Sequence[Tensor], ids: List[str], labels, steps: List[int],
             series: TrainingSeries) -> None:
         """One batch, after ``state`` took it: stats per group (L, B, H, R, len(STAT_NAMES))."""
-        if self._in_flight is not None:  # its copy was queued a forward ago; its pinned buffers are reused next
-            self._write_in_flight()
+        while self._in_flight and self._in_flight[0].done():  # copied meanwhile: no wait
+            self._write_oldest()
+        while len(self._in_flight) >= MAX_IN_FLIGHT:  # its pinned buffers are about to be reused
+            self._write_oldest()
         rows: List[Any] = [None] * sum(len(g) for g in self.groups)
-        ready = None  # the event of the last row copy of this batch (one stream: it implies the others)
+        events, hosts = [], []
         if self.per_sample:
             for gi, (members, st) in enumerate(zip(self.groups, stats)):
                 host, event = self._copier(st)(gi, st)
-                ready = event if event is not None else ready
+                hosts.append((gi, host))
+                events += [] if event is None else [event]
                 for j, i in enumerate(members):
-                    rows[i] = host[j][..., self.columns]  # copied by writer.write
+                    rows[i] = host[j]  # (B, H, R, len(STAT_NAMES)): filled once the event fired
         batch = dict(ids=ids, rows=rows if self.per_sample else None, steps=steps,
                      snapshot=state.snapshot() if self._snapshot_due() else None, series=series.take(),
                      labels=labels)
-        if ready is not None and batch["snapshot"] is None:  # to the writer once the copy is done
-            self._in_flight = dict(batch, ready=ready)
-            return
-        if ready is not None:  # a snapshot: its views of the live state cannot wait for the next forward
-            ready.synchronize()
-        self.writer.write(batch.pop("ids"), batch.pop("rows"), **batch)
+        self._in_flight.append(_InFlight(batch, events, hosts))
+        if not events or batch["snapshot"] is not None:  # a snapshot: its views of the live state cannot wait
+            self._write_all()
 
     def _copier(self, st: Tensor) -> Callable:
         if self.copier is None:
@@ -138,10 +176,26 @@ class RunSink:
         self._last_snapshot = time.monotonic()
         return True
 
-    def _write_in_flight(self) -> None:
-        batch, self._in_flight = self._in_flight, None
-        batch.pop("ready").synchronize()
-        self.writer.write(batch.pop("ids"), batch.pop("rows"), **batch)
+    def _write_oldest(self) -> None:
+        """The oldest batch in flight to the writer, after its copy (waited for where not done)."""
+        entry = self._in_flight.popleft()
+        entry.wait()
+        batch = dict(entry.batch)
+        rows = batch.pop("rows")
+        if rows is not None:  # the stored columns: only now, a fancy index would copy the host rows
+            rows = [r[..., self.columns] for r in rows]
+        self.writer.write(batch.pop("ids"), rows, **batch)  # copies the rows
+        recycle = getattr(self.copier, "recycle", None)
+        for group, host in entry.hosts if recycle is not None else ():
+            recycle(group, host)
+
+    def _write_all(self) -> None:
+        """Every batch in flight to the writer: one wait, for the newest (its copies come last on
+        their streams), then the others are done."""
+        if self._in_flight:
+            self._in_flight[-1].wait()
+        while self._in_flight:
+            self._write_oldest()
 
     # ---- other entries ------------------------------------------------------------------------
 
@@ -159,8 +213,7 @@ class RunSink:
         """The batch in flight, the final snapshot and the series points left; then the file is closed
         (also when the writer failed)."""
         try:
-            if self._in_flight is not None:
-                self._write_in_flight()
+            self._write_all()
             self.writer.write([], self._empty_rows(), snapshot=state.snapshot(), series=series.take())
         finally:
             self.writer.close()
