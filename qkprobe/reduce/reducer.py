@@ -129,10 +129,9 @@ class TritonReducer:
         what the kernels do not take (float64, topk past their lists) and where they fail to
         compile or launch (the cause chained)."""
         from . import triton_stats
-        unsupported = self.unsupported(event, triton_stats.KMAX)
+        unsupported = self.unsupported(event)
         if unsupported:
-            raise BackendError(f"reduce: the Triton kernels do not take {unsupported}; choose backend 'torch' "
-                               f"(or 'auto', which falls back to it).")
+            raise BackendError(f"reduce: {unsupported}; choose backend 'torch' (or 'auto', which falls back to it).")
         try:
             with on_device(event.q.device):  # a model on cuda:1 launches there, whatever the current device
                 return self._launch(triton_stats.mode_statistics_qk, event, maps, out)
@@ -142,12 +141,13 @@ class TritonReducer:
             raise BackendError(f"reduce: the Triton kernels failed ({type(exc).__name__}: {_first_line(exc)}); "
                                f"choose backend 'torch' (or 'auto', which falls back to it).") from exc
 
-    def unsupported(self, event: QKEvent, kmax: int) -> Optional[str]:
-        """What of this call the kernels do not take, or None."""
+    def unsupported(self, event: QKEvent) -> Optional[str]:
+        """Why the kernels do not take this call, or None."""
+        from .triton_stats import KMAX
         if torch.float64 in (event.q.dtype, event.k.dtype):
-            return "float64 q/k"
-        if min(self.options.topk, event.q.shape[-2], event.k.shape[-2]) > kmax:
-            return f"topk={self.options.topk} (their top-k lists hold at most {kmax} tokens)"
+            return "the Triton kernels do not take float64 q/k"
+        if min(self.options.topk, event.q.shape[-2], event.k.shape[-2]) > KMAX:
+            return f"the Triton kernels do not take topk={self.options.topk} (their lists hold at most {KMAX} tokens)"
         return None
 
     def _launch(self, mode_statistics_qk, event: QKEvent, maps: LayerMaps, out: Optional[Tensor]) -> Tensor:
@@ -219,14 +219,22 @@ class FallbackReducer:
     def __call__(self, event: QKEvent, maps: LayerMaps, out: Optional[Tensor] = None) -> Tensor:
         if self.fallback.failed:
             return self.torch(event, maps, out)
+        check = getattr(self.fast, "unsupported", None)
+        unsupported = check(event) if check is not None else None
+        if unsupported:
+            return self._fall_back(event, maps, out, unsupported)
         try:
             return self.fast(event, maps, out)
         except Exception as exc:  # noqa: BLE001 - whatever the fast path raised
-            st = self.torch(event, maps, out)  # raises the user's own error where the torch path fails too
-            self.fallback.failed = True
             cause = exc.__cause__ if isinstance(exc, BackendError) and exc.__cause__ is not None else exc
-            self.fallback.warn(f"backend {self.fast.name!r} failed ({type(cause).__name__}: {_first_line(cause)})")
-            return st
+            return self._fall_back(event, maps, out, f"backend {self.fast.name!r} failed "
+                                                     f"({type(cause).__name__}: {_first_line(cause)})")
+
+    def _fall_back(self, event: QKEvent, maps: LayerMaps, out: Optional[Tensor], reason: str) -> Tensor:
+        st = self.torch(event, maps, out)  # raises the user's own error where the torch path fails too
+        self.fallback.failed = True
+        self.fallback.warn(reason)
+        return st
 
 
 def reducer_for(name: str, device, options: ReduceOptions, fallback: Optional[Fallback] = None):
