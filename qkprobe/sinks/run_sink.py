@@ -210,8 +210,8 @@ class RunSink:
         return [np.zeros((0, spec.num_heads, spec.num_modes, S), np.float32) for spec in self.writer.layers]
 
     def close(self, state: RunState, series: TrainingSeries) -> None:
-        """The batch in flight, the final snapshot and the series points left; then the file is closed
-        (also when the writer failed)."""
+        """The batches in flight, the final snapshot and the series points left; then the file is
+        closed (also when the writer failed)."""
         try:
             self._write_all()
             self.writer.write([], self._empty_rows(), snapshot=state.snapshot(), series=series.take())
