@@ -282,3 +282,19 @@ def test_the_host_waits_for_the_device_only_with_a_snapshot_and_at_close(monkeyp
     assert len(snapshots) == 3 + 1  # and at close: the state is read from the device nowhere else
     # one wait per snapshot (for its own batch's copy) and one at close (the batch in flight)
     assert [e for e in log if e[0] == "sync"] == [("sync", 3), ("sync", 7), ("sync", 11), ("sync", N - 1)]
+
+
+def test_pinned_buffers_are_lent_again_only_after_their_rows_were_written(monkeypatch):
+    from qkprobe.sinks.run_sink import PinnedCopies
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **kw: empty(*a, **kw))  # no CUDA here
+    copies, st = PinnedCopies(release=None), torch.zeros(2, 3, 4)
+    lent = [copies._lend(0, st) for _ in range(3)]  # three batches in flight: three buffers
+    assert len({buf.data_ptr() for buf, _ in lent}) == 3
+    copies.recycle(0, lent[1][1])  # the second batch was written
+    again, host = copies._lend(0, st)
+    assert again.data_ptr() == lent[1][0].data_ptr() and host.ctypes.data == again.data_ptr()
+    assert copies._lend(1, st)[0].data_ptr() not in {buf.data_ptr() for buf, _ in lent}  # per group
+    copies.recycle(0, lent[0][1])
+    smaller, _ = copies._lend(0, st[:1])  # a smaller last batch: a buffer of its own shape
+    assert tuple(smaller.shape) == (1, 3, 4) and copies._free[0] == []

@@ -64,7 +64,7 @@ class PinnedCopies:
         stream = self._streams.get(st.device)
         if stream is None:
             stream = self._streams[st.device] = torch.cuda.Stream(st.device)
-        buf = self._take(group, st)
+        buf, host = self._lend(group, st)
         stream.wait_stream(torch.cuda.current_stream(st.device))  # the statistics of this forward are written
         with torch.cuda.stream(stream):
             buf.copy_(st, non_blocking=True)
@@ -72,21 +72,24 @@ class PinnedCopies:
             ready.record(stream)
         st.record_stream(stream)  # its memory is not reused before the copy is done
         self.release(group, st, ready)
-        host = buf.numpy()
-        self._lent[id(host)] = buf
         return host, ready
 
     def recycle(self, group: int, host: np.ndarray) -> None:
         """The rows in ``host`` were written: its buffer may take another batch."""
         self._free.setdefault(group, []).append(self._lent.pop(id(host)))
 
-    def _take(self, group: int, st: Tensor) -> Tensor:
+    def _lend(self, group: int, st: Tensor) -> Tuple[Tensor, np.ndarray]:
+        """A pinned buffer of ``st``'s shape not lent (a new one where there is none), and its host array."""
         free = self._free.setdefault(group, [])
-        while free:
+        buf = None
+        while free and buf is None:
             buf = free.pop()
-            if buf.shape == st.shape and buf.dtype == st.dtype:
-                return buf
-        return torch.empty(st.shape, dtype=st.dtype, pin_memory=True)
+            buf = buf if buf.shape == st.shape and buf.dtype == st.dtype else None  # a smaller last batch
+        if buf is None:
+            buf = torch.empty(st.shape, dtype=st.dtype, pin_memory=True)
+        host = buf.numpy()
+        self._lent[id(host)] = buf
+        return buf, host
 
 
 @dataclass
