@@ -149,6 +149,11 @@ def _key_mask(attn_bias: Optional[Tensor], token_mask: Tensor, dt: torch.dtype) 
     return attn_bias.to(dt).masked_fill(~keys, float("-inf"))
 
 
+def _zero_padding(x: Optional[Tensor], keep: Tensor) -> Optional[Tensor]:
+    """x (B, H, N, ·) with the tokens where ``keep`` (B, 1, N, 1) is False set to 0."""
+    return None if x is None else torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _attended_keys(a: Tensor, b: Tensor, S: Tensor, scale: float, probs: Optional[Tensor],
                    q: Optional[Tensor], k: Optional[Tensor], attn_bias: Optional[Tensor],
                    token_mask: Optional[Tensor] = None) -> Tensor:
@@ -159,6 +164,10 @@ def _attended_keys(a: Tensor, b: Tensor, S: Tensor, scale: float, probs: Optiona
     the values (fused kernels where available; P is never stored).
     """
     dt = a.dtype
+    if token_mask is not None:  # padded positions zeroed: a NaN there must not reach real tokens
+        keep = token_mask[:, None, :, None]  # (B, 1, N, 1)
+        a, b = _zero_padding(a, keep), _zero_padding(b, keep)
+        q, k = _zero_padding(q, keep), _zero_padding(k, keep)
     if probs is not None:
         if probs.shape[-2:] != (a.shape[-2], b.shape[-2]):
             raise ShapeError(f"probs must be (B, H, {a.shape[-2]}, {b.shape[-2]}), "
