@@ -225,7 +225,7 @@ def mode_statistics(
         S: (H, R) singular values.
         scale: the logit scale (usually head_dim ** -0.5).
         prefix_tokens: leading tokens (cls, registers) left out of the map statistics (q_*, k_*,
-            score_*); applied to both sides. The attention statistics always use all tokens.
+            score_*); applied to both sides. The attention statistics use all (real) tokens.
         include_prefix: keep the prefix tokens in the map statistics too.
         topk: how many extreme tokens q_top_pos / q_top_neg (and k_*) average; clipped to the
             number of map tokens.
