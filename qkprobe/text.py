@@ -125,7 +125,7 @@ def is_tokenizer(obj: Any) -> bool:
     return callable(obj) and hasattr(obj, "tokenize") and hasattr(obj, "convert_ids_to_tokens")
 
 
-def prefix_tokens(tokenizer) -> int:
+def tokenizer_prefix_tokens(tokenizer) -> int:
     """1 when the tokenizer starts every sequence with a special token (BERT's ``[CLS]``), else 0."""
     ids = tokenizer("a")["input_ids"]
     special = set(getattr(tokenizer, "all_special_ids", ()) or ())

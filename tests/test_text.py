@@ -13,7 +13,7 @@ import qkprobe
 from qkprobe.cli.main import main
 from qkprobe.core.stats import STAT_NAMES
 from qkprobe.errors import QKProbeError
-from qkprobe.text import parse_id, read_sentences, resolve_sentence, sentence_ids
+from qkprobe.text import parse_id, read_sentences, resolve_sentence, sentence_ids, tokenizer_prefix_tokens
 
 T = pytest.importorskip("transformers")
 
@@ -85,6 +85,7 @@ def test_mode_coordinates_takes_a_batch_encoding_or_a_dict(minilm):
         for c, p in zip(coords, plain):
             assert torch.equal(c.a, p.a) and torch.equal(c.b, p.b)
             assert torch.equal(c.token_mask, enc["attention_mask"].bool())
+    assert tokenizer_prefix_tokens(tok) == 1   # [CLS]
     alone = qkprobe.mode_coordinates(model, tok([SHORT], return_tensors="pt"))[0].token_mask
     assert alone is None or alone.all()   # no padding: sdpa gets no mask at all
 

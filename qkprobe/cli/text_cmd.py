@@ -32,8 +32,8 @@ def run_text(args) -> int:
     from ..bases import layer_bases
     from ..capture.probe import ProbeOptions, attach
     from ..metadata import versions
-    from ..text import TEXT_FIELD, TEXT_ROOT, batches, encode, is_tokenizer, prefix_tokens, read_sentences, \
-        sentence_ids
+    from ..text import TEXT_FIELD, TEXT_ROOT, batches, encode, is_tokenizer, read_sentences, sentence_ids, \
+        tokenizer_prefix_tokens
     from .common import load_from_args
     from .run_cmd import _check_out, _check_resumable, _stats_option
 
@@ -64,7 +64,7 @@ def run_text(args) -> int:
                            f"{args.out}; resume with the file the run started with, or write a new --out.")
     todo = [(s, i) for s, i in zip(sentences, ids) if i not in done]
     print(f"{len(todo)} new sentences, {len(ids) - len(todo)} already in {args.out}", flush=True)
-    n_prefix = prefix_tokens(tokenizer)  # [CLS]: a prefix token; [SEP]: a map token (qkprobe.text)
+    n_prefix = tokenizer_prefix_tokens(tokenizer)  # [CLS]: a prefix token; [SEP]: a map token (qkprobe.text)
     bases = [layer_bases(site, model, n_prefix=n_prefix) for site in find_attention(model)]
     probe = attach(model, args.out, options=options, bases=bases, metadata=meta, resume=args.resume,
                    chunk_rows=min(max(args.batch_size, 8), 256))
