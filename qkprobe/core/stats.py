@@ -164,10 +164,9 @@ def _attended_keys(a: Tensor, b: Tensor, S: Tensor, scale: float, probs: Optiona
     the values (fused kernels where available; P is never stored).
     """
     dt = a.dtype
-    if token_mask is not None:  # padded positions zeroed: a NaN there must not reach real tokens
-        keep = token_mask[:, None, :, None]  # (B, 1, N, 1)
-        a, b = _zero_padding(a, keep), _zero_padding(b, keep)
-        q, k = _zero_padding(q, keep), _zero_padding(k, keep)
+    if token_mask is not None:  # padded keys zeroed: a NaN there must not reach real queries (rows of
+        keep = token_mask[:, None, :, None]  # (B, 1, N, 1)   padded queries are dropped later)
+        b, k = _zero_padding(b, keep), _zero_padding(k, keep)
     if probs is not None:
         if probs.shape[-2:] != (a.shape[-2], b.shape[-2]):
             raise ShapeError(f"probs must be (B, H, {a.shape[-2]}, {b.shape[-2]}), "
