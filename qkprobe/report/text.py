@@ -230,17 +230,18 @@ def text_section(ctx, r, ri: int, choices, n_modes: int, topk: int, maps: bool, 
     refs = [LayerRef(index=l.index, name=l.name, U=l.U, V=l.V, fold_ln=l.fold_ln, prefix_tokens=l.prefix_tokens,
                      include_prefix=include) for l in {c.layer: r.layers[c.layer] for c in choices}.values()]
     found = {s: t for s, t in texts.items() if t is not None}
-    res = recompute(r.meta, refs, found, device) if maps else SentenceCoords(
-        notes=["Query and key tokens were not recomputed (--no-maps)."])
+    res = recompute(r.meta, refs, found, device) if maps else SentenceCoords()
     head += [H.warning(n) for n in res.notes]
+    if not maps:
+        head.append('<p class="note">Query and key tokens were not recomputed (<code>--no-maps</code>).</p>')
     head.append('<p class="note">For each chosen head, its top modes by singular value, both signs: sign + ranks '
                 'sentences by max(a)·max(b), sign − by min(a)·min(b), where a is the query-side coordinate u_r·x of '
                 'a token and b the key-side one v_r·x. In each sentence the <b style="color:#d91a1a">query token</b> '
                 '(largest ±a) and the <b style="color:#00a0b8">key token</b> (largest ±b) are highlighted: that '
-                'query attends to that key through this mode. [CLS] is a prefix token, left out of the maps; '
-                '[SEP] is a token like any other. In the figure every token is shaded by its query coordinate '
-                '(red) and its key coordinate (cyan bar under it); the query token is framed, the key token\'s bar '
-                'dark. Scores are the ones stored in the run.</p>')
+                'query attends to that key through this mode. A leading special token (BERT\'s [CLS]) is a prefix '
+                'token, left out of the maps; [SEP] is a token like any other. In the figure every token is '
+                'shaded by its query coordinate (red) and its key coordinate (cyan bar under it); the query token '
+                'is framed, the key token\'s bar dark. Scores are the ones stored in the run.</p>')
     body = []
     for c, l, rows in plan:
         start = 0 if include else max(l.prefix_tokens, 0)
