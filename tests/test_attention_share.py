@@ -18,10 +18,13 @@ TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermed
 
 
 def formula(c, P):
-    """attn_contrib of core/stats.py: scale · S_r · mean_i a_ir ((P b)_ir − mean_j b_jr), (B, H, R)."""
+    """attn_contrib of core/stats.py: scale · S_r · mean_i a_ir ((P b)_ir − mean_j b_jr), (B, H, R);
+    the means over the real tokens of each sample where the adapter saw padding (``c.token_mask``)."""
     a, b = c.a.double(), c.b.double()
-    lift = a * (P.double() @ b - b.mean(-2, keepdim=True))
-    return c.scale * c.S.double() * lift.mean(-2)
+    real = torch.ones(a.shape[0], a.shape[-2], dtype=torch.bool) if c.token_mask is None else c.token_mask
+    w = real[:, None, :, None].double()  # (B, 1, N, 1)
+    lift = a * (P.double() @ (b * w) - (b * w).sum(-2, keepdim=True) / w.sum(-2, keepdim=True)) * w
+    return c.scale * c.S.double() * lift.sum(-2) / w.sum(-2)
 
 
 def share(contrib):

@@ -171,3 +171,32 @@ def test_streaming_kernels_never_write_into_loaded_arrays(monkeypatch):
     agg.update(torch.ones(2, 2, 3, 2))
     assert (t_state["index"] == -1).all() and (a_state["count"] == 0).all()
     assert (topk.index[..., :2] >= 0).all() and (agg.count == 2).all()
+
+
+@pytest.mark.parametrize("k", [1, 5, 7, 16, 64])
+def test_padded_tokens_kernel_equals_torch_path(k):
+    """A token mask: the kernels leave padded tokens (huge and NaN values here) out, clip top-k per
+    sample, give NaN for a sample without map tokens, as the torch path does."""
+    g = torch.Generator().manual_seed(k)
+    B, H, N, R = 5, 3, 40, 33
+    a, b = torch.randn(B, H, N, R, generator=g), torch.randn(B, H, N, R, generator=g)
+    q, kk = torch.randn(B, H, N, 8, generator=g), torch.randn(B, H, N, 8, generator=g)
+    S = torch.rand(H, R, generator=g) + 0.1
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    for i, n in enumerate((40, 3, 17, 1, 0)):
+        mask[i, :n] = True
+        a[i, :, n:], b[i, :, n:] = 1e4, float("nan")
+    fast = mode_statistics(a, b, S, 0.5, prefix_tokens=1, topk=k, q=q, k=kk, token_mask=mask)
+    with native.disabled():
+        slow = mode_statistics(a, b, S, 0.5, prefix_tokens=1, topk=k, q=q, k=kk, token_mask=mask)
+    share = STAT_INDEX["attn_share"]  # a ratio: float32 sums in another order, near-zero totals
+    torch.testing.assert_close(fast[..., :share], slow[..., :share], rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(fast[..., share], slow[..., share], rtol=1e-3, atol=1e-4, equal_nan=True)
+    assert torch.isfinite(fast[:3]).all() and fast[4].isnan().all()
+    assert fast[3, ..., :12].isnan().all() and torch.isfinite(fast[3, ..., 12:]).all()
+    # the kernels themselves ran (not a silent fallback), and declined a mask of another shape
+    out = torch.full((B, H, R, 14), -7.0)
+    assert native.map_stats(a, b, 1, min(k, N - 1), out, mask=mask)
+    assert native.share_stats(a, a, b, S, 0.5, out, 12, mask=mask)
+    assert not native.map_stats(a, b, 1, 3, out, mask=mask[:, :30])
+    assert not native.map_stats(a, b[:, :, :30], 1, 3, out, mask=mask)

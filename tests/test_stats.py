@@ -207,3 +207,61 @@ def test_chunked_top_sum_equals_topk_for_many_shapes_and_ties():
                 assert torch.allclose(_top_sum(x, k, largest), ref, atol=1e-5), (n, k, largest)
             xs = torch.randn(2, n + 2, 3, generator=g)[:, 2:]  # a prefix-sliced view
             assert torch.allclose(_top_sum(xs, k), torch.topk(xs, k, dim=-2).values.sum(-2), atol=1e-5)
+
+
+# ---- padded tokens (token_mask): every statistic as for the sample alone ----------------------
+
+def _padded_batch(lengths, N=11, H=2, R=6, seed=20):
+    """Random coordinates of len(lengths) samples padded to N tokens (padding: huge / NaN values
+    that would win every max, min and top-k), the mask, and q, k for the attention."""
+    B = len(lengths)
+    a, b = _rand(B, H, N, R, seed=seed), _rand(B, H, N, R, seed=seed + 1)
+    q, k = _rand(B, H, N, 4, seed=seed + 2), _rand(B, H, N, 4, seed=seed + 3)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+        a[i, :, n:], b[i, :, n:] = 1e6, -1e6
+        if n + 1 < N:
+            a[i, :, n + 1], k[i, :, n + 1] = float("nan"), float("nan")
+    return a, b, q, k, mask
+
+
+@pytest.mark.parametrize("prefix,include,topk", [(1, False, 5), (0, False, 3), (2, True, 4), (1, False, 50)])
+def test_padded_sample_equals_the_sample_alone(prefix, include, topk):
+    lengths = [11, 4, 7, 2]
+    a, b, q, k, mask = _padded_batch(lengths)
+    S = _rand(2, 6, seed=3).abs() + 0.1
+    got = mode_statistics(a, b, S, 0.6, prefix_tokens=prefix, include_prefix=include, topk=topk, q=q, k=k,
+                          token_mask=mask)
+    assert torch.isfinite(got).all()
+    for i, n in enumerate(lengths):
+        alone = mode_statistics(a[i:i + 1, :, :n], b[i:i + 1, :, :n], S, 0.6, prefix_tokens=prefix,
+                                include_prefix=include, topk=topk, q=q[i:i + 1, :, :n], k=k[i:i + 1, :, :n])
+        torch.testing.assert_close(got[i], alone[0], rtol=1e-10, atol=1e-10)
+    # with the module's probabilities: padded keys get zero weight, whatever P held there
+    P = _random_probs(4, 2, 11, 11, 7)
+    got = mode_statistics(a, b, S, 0.6, prefix_tokens=prefix, include_prefix=include, topk=topk, probs=P,
+                          token_mask=mask)
+    n = lengths[1]
+    Pn = P[1:2, :, :n, :n]
+    alone = mode_statistics(a[1:2, :, :n], b[1:2, :, :n], S, 0.6, prefix_tokens=prefix, include_prefix=include,
+                            topk=topk, probs=Pn)
+    torch.testing.assert_close(got[1, ..., :STAT_INDEX["attn_contrib"]], alone[0, ..., :STAT_INDEX["attn_contrib"]])
+    masked = P[1:2].masked_fill(~mask[1][None, None, None, :], 0)[:, :, :n, :n]
+    ref = mode_statistics(a[1:2, :, :n], b[1:2, :, :n], S, 0.6, prefix_tokens=prefix, include_prefix=include,
+                          topk=topk, probs=masked)
+    torch.testing.assert_close(got[1], ref[0])
+
+
+def test_padded_sample_without_map_tokens_is_nan_and_mask_is_checked():
+    a, b, q, k, mask = _padded_batch([5, 1, 0], N=6)
+    S = _rand(2, 6, seed=3).abs() + 0.1
+    got = mode_statistics(a, b, S, 0.6, prefix_tokens=1, topk=3, q=q, k=k, token_mask=mask)
+    assert torch.isfinite(got[0]).all()
+    assert got[1, ..., :STAT_INDEX["attn_contrib"]].isnan().all()       # only the prefix token: no map
+    assert torch.isfinite(got[1, ..., STAT_INDEX["attn_contrib"]:]).all()  # the attention of [CLS] alone
+    assert got[2].isnan().all()                                           # no real token at all
+    with pytest.raises(ShapeError, match="token_mask"):
+        mode_statistics(a, b, S, 0.6, token_mask=mask[:, :5])
+    with pytest.raises(ShapeError, match="token_mask"):
+        mode_statistics(a, b[:, :, :5], S, 0.6, token_mask=mask)

@@ -27,7 +27,11 @@ holds only the new tokens. ``info`` then holds:
   for BEiT the ``attention_mask`` argument itself, which is where ``BeitLayer`` passes it;
 - ``rope``: the ``position_embeddings`` argument, (cos, sin) each (Npatch, R) for DINOv3
   (applied to the trailing Npatch tokens only, ``rotate_half`` layout);
-- ``is_causal``: True when the module was asked for a causal mask.
+- ``is_causal``: True when the module was asked for a causal mask;
+- ``token_mask`` (:data:`TOKEN_MASK`): (B, N) bool, True = real token, for self-attention given a
+  padding mask (B or 1, ·, ·, N): a key is real where some query may attend to it (BERT's padding
+  mask, additive under eager, boolean under sdpa). Absent without a mask; the reducers leave the
+  padded positions out of every statistic.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ import torch.nn as nn
 
 from .base import (ATTENTION, ATTN_MASK, QK_NORM, REL_POS_BIAS, ROPE, AttentionAdapter, AttentionTerms, QKWeights,
                    add_masks, builtin_adapter, first_norm_before, is_norm, no_grad_hook, split_heads)
+
+#: The ``info`` key of the (B, N) token mask (True = real token) an adapter derived from padding.
+TOKEN_MASK = "token_mask"
 
 _QK_NAMES = (("q_proj", "k_proj"), ("query", "key"))
 _QK_NORM_NAMES = (("q_norm", "k_norm"), ("query_norm", "key_norm"))
@@ -210,6 +217,10 @@ class HFAttentionAdapter(AttentionAdapter):
             if isinstance(mask, torch.Tensor):
                 info["attn_mask"] = mask
                 extras.add(ATTN_MASK)
+                tokens = token_mask(mask, state["q"].shape[0] if state["q"].dim() == 3 else -1,
+                                    state["q"].shape[-2], state["k"].shape[-2])
+                if tokens is not None:
+                    info[TOKEN_MASK] = tokens
             if call.get("is_causal") is True:
                 info["is_causal"] = True
                 extras.add(ATTN_MASK)
@@ -273,6 +284,20 @@ class HFAttentionAdapter(AttentionAdapter):
                 return None  # a layer with norms, none before the attention: post-norm
             child = p
         return None
+
+
+def token_mask(mask: torch.Tensor, B: int, N: int, Nk: int) -> Optional[torch.Tensor]:
+    """(B, N) bool, True = real token, from the attention mask of a self-attention call (B, H or 1,
+    N or 1, Nk): a key is real where some query may attend to it (boolean keep-mask, or an additive
+    mask above half the dtype's lowest value, as HF's ``finfo.min`` padding). None for cross
+    attention, windowed masks or shapes that are no per-sample key mask."""
+    if N != Nk or B < 1 or mask.dim() != 4 or mask.shape[-1] != Nk or mask.shape[0] not in (1, B):
+        return None
+    if mask.dtype == torch.bool:
+        keep = mask
+    else:
+        keep = mask > (torch.finfo(mask.dtype).min / 2 if mask.dtype.is_floating_point else -1)
+    return keep.any(dim=2).any(dim=1).expand(B, Nk)  # (B, Nk)
 
 
 def _normed_heads(seen, num_heads: int) -> Optional[torch.Tensor]:

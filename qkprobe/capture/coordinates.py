@@ -13,6 +13,7 @@ norm; with ``fold_ln=True`` bases, the normalized token before the norm's affine
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence
@@ -22,6 +23,7 @@ import torch.nn as nn
 
 from ..adapters.base import ATTENTION, AttentionTerms
 from ..adapters.discover import AttentionSite, find_attention, prefix_tokens
+from ..adapters.hf import TOKEN_MASK
 from ..bases import LayerBases, layer_bases
 from ..errors import UsageError
 
@@ -35,6 +37,8 @@ class ModeCoordinates:
     a: (B, H, N, R) query-side coordinates; b: (B, H, Nk, R) key-side ones (batch-first; for
     windowed attention B counts windows). S: (H, R). ``info`` holds what the forward revealed
     (``rope``, ``attn_mask``, ``rel_pos_bias``), ``extras`` the static and run-time extras.
+    ``token_mask``: (B, N) bool, True = real token, where the module got a padding mask (text
+    batches); None when every token is real.
     """
 
     name: str
@@ -45,6 +49,7 @@ class ModeCoordinates:
     prefix_tokens: Optional[int]
     extras: FrozenSet[str]
     info: Dict[str, Any] = field(default_factory=dict)
+    token_mask: Optional[Tensor] = None
 
     def logits(self) -> Tensor:
         """(B, H, N, Nk) the bilinear logits scale · Σ_r S_r a_ir b_jr (= scale · q·k)."""
@@ -127,7 +132,13 @@ def mode_coordinates(model: nn.Module, *args, bases: Optional[List[LayerBases]] 
     every attention layer, aligned with ``bases`` (computed with ``compute_bases(model)`` when
     None). ``dtype``: precision of a and b (float32; float64 for references). A module called
     several times in one forward gets its calls concatenated along the batch axis.
+
+    A tokenizer's output (a ``BatchEncoding`` or a plain dict, e.g. ``dict(enc)``) as the only
+    positional argument is passed as keyword arguments: ``mode_coordinates(model, enc)`` is
+    ``mode_coordinates(model, **enc)``.
     """
+    if len(args) == 1 and isinstance(args[0], Mapping):
+        args, kwargs = (), {**args[0], **kwargs}
     sites = find_attention(model)
     if bases is None:
         n_prefix = prefix_tokens(model)
@@ -155,7 +166,9 @@ def mode_coordinates(model: nn.Module, *args, bases: Optional[List[LayerBases]] 
         a = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
         b = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
         info = _merge_info([c[2] for c in calls])
+        tokens = info.pop(TOKEN_MASK, None)
         extras = set(lb.extras) | set(info.pop("extras", set()))
         out.append(ModeCoordinates(name=site.name, a=a, b=b, S=lb.S.to(dtype), scale=lb.scale,
-                                   prefix_tokens=lb.prefix_tokens, extras=frozenset(extras), info=info))
+                                   prefix_tokens=lb.prefix_tokens, extras=frozenset(extras), info=info,
+                                   token_mask=tokens if isinstance(tokens, Tensor) else None))
     return out

@@ -10,12 +10,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
 from ..adapters.base import AttentionTerms
 from ..adapters.discover import AttentionSite
+from ..adapters.hf import TOKEN_MASK
 from .attention import attention_terms
 from .coordinates import capture_qk
 
@@ -32,13 +33,16 @@ class QKEvent:
     its probabilities where it materializes them, else the q, k it multiplies (after qk-norm /
     rope) with its rotary tables, masks and relative-position bias (made when first read: a
     reducer that needs no attention share costs nothing). info: the adapter's raw ``info``
-    (``extras`` seen at run time, ...).
+    (``extras`` seen at run time, ...). token_mask: (B, N) bool, True = real token, False =
+    padding, where the adapter saw a padding mask (self-attention only, N = Nk); None: every
+    token is real. The reducers leave padded positions out of every statistic.
     """
 
     layer: int
     q: Tensor
     k: Tensor
     info: Dict[str, Any]
+    token_mask: Optional[Tensor] = None
 
     @cached_property
     def attention(self) -> AttentionTerms:
@@ -54,7 +58,7 @@ def capture_events(sites: Sequence[AttentionSite], on_event: Callable[[QKEvent],
     """Hooks on every site calling ``on_event(QKEvent)`` during forwards inside the ``with``
     block; every hook is removed on exit, even after an error."""
     def on_qk(i: int, q: Tensor, k: Tensor, info: Dict[str, Any]) -> None:
-        on_event(QKEvent(i, q, k, info))
+        on_event(QKEvent(i, q, k, info, token_mask=info.get(TOKEN_MASK)))
 
     with capture_qk(sites, on_qk):
         yield

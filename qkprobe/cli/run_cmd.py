@@ -22,6 +22,9 @@ def add_parsers(sub) -> None:
     src.add_argument("--images", help="folder of images (recursive); default: scikit-image's photographs")
     src.add_argument("--list", help="text file with one image path per line (path<TAB>label lines give class "
                                     "labels)")
+    src.add_argument("--text", help="sentences for a text model (hf: with a tokenizer): one a line, or JSON "
+                                    "lines (.jsonl, or with --text-field)")
+    p.add_argument("--text-field", help="the JSON field holding each sentence of a --text JSONL file (default: text)")
     p.add_argument("--labels", help="text file of path<TAB>label lines: the class label stored with each image "
                                     "(default: the class sub-folders of --images, ImageFolder layout, or the "
                                     "labels of a --list file)")
@@ -245,6 +248,9 @@ def _recorded_root(args):
 
 def run(args) -> int:
     _check_options(args)
+    if args.text or args.text_field:   # sentences for a text model: qkprobe/cli/text_cmd.py
+        from .text_cmd import run_text
+        return run_text(args)
     group = _start_distributed(args)
     try:
         return _run(args, group)

@@ -27,6 +27,12 @@ For every sample, head h and mode r, :func:`mode_statistics` returns the statist
 - ``attn_share = attn_contrib_r / Σ_r' attn_contrib_r'`` (0 where the sum is 0). Single modes can
   contribute negatively, so shares may lie outside [0, 1]; they sum to 1.
 
+A ``token_mask`` (B, N) (True = real token; self-attention only, N = Nk) leaves padded positions
+out everywhere: the map statistics run over the real map tokens of each sample (top-k clipped per
+sample to their number; NaN for a sample with none), the attention statistics average over its
+real queries, take the key mean over its real keys and give padded keys zero probability. A
+sample's statistics are then those of the sample recorded alone.
+
 Everything is vectorized over samples, heads and modes; no N × N tensor per mode is formed.
 """
 
@@ -110,8 +116,47 @@ def _map_stats(x: Tensor, topk: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Te
     return tuple(torch.where(nan, torch.full_like(t, float("nan")), t) for t in stats)
 
 
+def _masked_map_stats(x: Tensor, valid: Tensor, topk: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """As :func:`_map_stats` over the tokens where ``valid`` (B, N) holds, per sample: top-k
+    clipped to the sample's count of valid tokens; NaN for a sample with none."""
+    keep = valid[:, None, :, None]  # (B, 1, N, 1)
+    count = valid.sum(-1).to(x.dtype)[:, None, None]  # (B, 1, 1)
+    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+    k = min(topk, x.shape[-2])
+    kb = count.clamp(max=k)  # (B, 1, 1): top-k of each sample
+    rank = torch.arange(k, device=x.device, dtype=x.dtype).view(1, 1, k, 1)
+    take = rank < kb.unsqueeze(-1)  # (B, 1, k, 1): the first kb of the sorted extremes
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+
+    def top(filled: Tensor, largest: bool) -> Tensor:
+        vals = torch.topk(filled, k, dim=-2, largest=largest, sorted=True).values  # (B, H, k, R)
+        return torch.where(take, vals, zero).sum(-2) / kb
+
+    stats = (torch.where(keep, x, zero).sum(-2) / count, torch.where(keep, x, -inf).amax(-2),
+             torch.where(keep, x, inf).amin(-2), top(torch.where(keep, x, -inf), True),
+             top(torch.where(keep, x, inf), False))
+    void = (torch.isnan(x) & keep).any(dim=-2) | (count == 0)  # (B, H, R)
+    return tuple(torch.where(void, torch.full_like(t, float("nan")), t) for t in stats)
+
+
+def _key_mask(attn_bias: Optional[Tensor], token_mask: Tensor, dt: torch.dtype) -> Tensor:
+    """``attn_bias`` with the padded keys of ``token_mask`` (B, Nk) masked out (an SDPA mask)."""
+    keys = token_mask[:, None, None, :]  # (B, 1, 1, Nk)
+    if attn_bias is None:
+        return keys
+    if attn_bias.dtype == torch.bool:
+        return attn_bias & keys
+    return attn_bias.to(dt).masked_fill(~keys, float("-inf"))
+
+
+def _zero_padding(x: Optional[Tensor], keep: Tensor) -> Optional[Tensor]:
+    """x (B, H, N, ·) with the tokens where ``keep`` (B, 1, N, 1) is False set to 0."""
+    return None if x is None else torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _attended_keys(a: Tensor, b: Tensor, S: Tensor, scale: float, probs: Optional[Tensor],
-                   q: Optional[Tensor], k: Optional[Tensor], attn_bias: Optional[Tensor]) -> Tensor:
+                   q: Optional[Tensor], k: Optional[Tensor], attn_bias: Optional[Tensor],
+                   token_mask: Optional[Tensor] = None) -> Tensor:
     """P b: (B, H, N, R), the attention-weighted key coordinates of every query token.
 
     With ``probs`` given, a plain matmul. Otherwise P = softmax(scale · q kᵀ + attn_bias), from
@@ -119,10 +164,15 @@ def _attended_keys(a: Tensor, b: Tensor, S: Tensor, scale: float, probs: Optiona
     the values (fused kernels where available; P is never stored).
     """
     dt = a.dtype
+    if token_mask is not None:  # padded keys zeroed: a NaN there must not reach real queries (rows of
+        keep = token_mask[:, None, :, None]  # (B, 1, N, 1)   padded queries are dropped later)
+        b, k = _zero_padding(b, keep), _zero_padding(k, keep)
     if probs is not None:
         if probs.shape[-2:] != (a.shape[-2], b.shape[-2]):
             raise ShapeError(f"probs must be (B, H, {a.shape[-2]}, {b.shape[-2]}), "
                              f"got {tuple(probs.shape)}; pass the attention of the same tokens.")
+        if token_mask is not None:
+            probs = probs.to(dt).masked_fill(~token_mask[:, None, None, :], 0.0)  # padded keys: zero
         return probs.to(dt) @ b
     if (q is None) != (k is None):
         raise ShapeError("q and k must be given together (or neither, to use the reconstruction).")
@@ -134,7 +184,7 @@ def _attended_keys(a: Tensor, b: Tensor, S: Tensor, scale: float, probs: Optiona
                 or qq.shape[-1] != kk.shape[-1]:
             raise ShapeError(f"q {tuple(qq.shape)} and k {tuple(kk.shape)} must be (B, H, N, R) and "
                              f"(B, H, Nk, R) for the same tokens as a {tuple(a.shape)}, b {tuple(b.shape)}.")
-    mask = attn_bias
+    mask = attn_bias if token_mask is None else _key_mask(attn_bias, token_mask, dt)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(dt)
     # SDPA keeps its fused kernel only with a stride-1 last axis (else it falls back to the math
@@ -161,6 +211,7 @@ def mode_statistics(
     attn_bias: Optional[Tensor] = None,
     attention: bool = True,
     out: Optional[Tensor] = None,
+    token_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Statistics of every mode of every head for every sample (see the module docstring).
 
@@ -173,7 +224,7 @@ def mode_statistics(
         S: (H, R) singular values.
         scale: the logit scale (usually head_dim ** -0.5).
         prefix_tokens: leading tokens (cls, registers) left out of the map statistics (q_*, k_*,
-            score_*); applied to both sides. The attention statistics always use all tokens.
+            score_*); applied to both sides. The attention statistics use all (real) tokens.
         include_prefix: keep the prefix tokens in the map statistics too.
         topk: how many extreme tokens q_top_pos / q_top_neg (and k_*) average; clipped to the
             number of map tokens.
@@ -185,6 +236,8 @@ def mode_statistics(
             (True = may attend), as in ``scaled_dot_product_attention``. Ignored with ``probs``.
         out: (B, H, R, len(STAT_NAMES)) tensor of the compute dtype to write the result into
             (any strides; a probe passes its slot of a buffer shared by its layers).
+        token_mask: (B, N) bool, True = real token (self-attention: N = Nk); padded positions
+            are left out of every statistic (see the module docstring). None: all tokens real.
 
     Returns:
         (B, H, R, len(STAT_NAMES)) in the compute dtype: float32 (bf16/fp16/float32 inputs are
@@ -203,6 +256,7 @@ def mode_statistics(
         raise ShapeError(f"prefix_tokens={prefix_tokens} leaves no map tokens out of N={N}, "
                          f"Nk={b.shape[-2]}; lower it or pass include_prefix=True.")
 
+    valid = _token_mask(token_mask, a, b)
     dt = compute_dtype(a, b)
     a = a.detach().to(dt)
     b = b.detach().to(dt)
@@ -214,26 +268,49 @@ def mode_statistics(
         raise ShapeError(f"out must be a {dt} tensor of shape {(B, H, R, len(STAT_NAMES))} on {a.device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}.")
     kq, kk = min(topk, N - p), min(topk, b.shape[-2] - p)
-    if not (kq == kk and native.map_stats(a, b, p, kq, out)):  # one fused pass on CPU
-        q_stats = _map_stats(a[:, :, p:, :], topk)  # token reductions, vectorized over R
-        k_stats = _map_stats(b[:, :, p:, :], topk)
+    if not (kq == kk and native.map_stats(a, b, p, kq, out, mask=valid)):  # one fused pass on CPU
+        if valid is None:
+            q_stats = _map_stats(a[:, :, p:, :], topk)  # token reductions, vectorized over R
+            k_stats = _map_stats(b[:, :, p:, :], topk)
+        else:
+            q_stats = _masked_map_stats(a[:, :, p:, :], valid[:, p:], topk)
+            k_stats = _masked_map_stats(b[:, :, p:, :], valid[:, p:], topk)
         scores = (q_stats[1] * k_stats[1], q_stats[2] * k_stats[2])
         out[..., :_MAP_COLUMNS] = torch.stack((*q_stats, *k_stats, *scores), -1)
 
     if not attention:
         out[..., _MAP_COLUMNS:] = float("nan")
         return out
-    pb = _attended_keys(a, b, S, scale, probs, q, k, attn_bias)  # (B, H, N, R)
-    if native.share_stats(a, pb, b, S, float(scale), out, STAT_INDEX["attn_contrib"]):
+    pb = _attended_keys(a, b, S, scale, probs, q, k, attn_bias, valid)  # (B, H, N, R)
+    if native.share_stats(a, pb, b, S, float(scale), out, STAT_INDEX["attn_contrib"], mask=valid):
         return out
-    lift = a * (pb - b.mean(dim=-2, keepdim=True))  # a_ir ((P b)_ir − mean_j b_jr)
     contrib = out[..., STAT_INDEX["attn_contrib"]]
-    torch.mul(lift.mean(dim=-2), S * float(scale), out=contrib)  # (B, H, R)
+    if valid is None:
+        lift = a * (pb - b.mean(dim=-2, keepdim=True))  # a_ir ((P b)_ir − mean_j b_jr)
+        torch.mul(lift.mean(dim=-2), S * float(scale), out=contrib)  # (B, H, R)
+    else:  # sums over the real queries and keys of each sample
+        keep = valid[:, None, :, None]  # (B, 1, N, 1)
+        count = valid.sum(-1).to(dt)[:, None, None, None]  # (B, 1, 1, 1)
+        zero = torch.zeros((), dtype=dt, device=a.device)
+        b_mean = torch.where(keep, b, zero).sum(dim=-2, keepdim=True) / count  # (B, H, 1, R)
+        lift = torch.where(keep, a * (pb - b_mean), zero)
+        torch.mul(lift.sum(dim=-2) / count[..., 0], S * float(scale), out=contrib)  # (B, H, R)
     total = contrib.sum(dim=-1, keepdim=True)
     nonzero = total != 0
     out[..., STAT_INDEX["attn_share"]] = torch.where(
         nonzero, contrib / torch.where(nonzero, total, torch.ones_like(total)), torch.zeros_like(contrib))
     return out
+
+
+def _token_mask(token_mask: Optional[Tensor], a: Tensor, b: Tensor) -> Optional[Tensor]:
+    """``token_mask`` checked against a (B, H, N, R), b (B, H, Nk, R): (B, N) bool on a's device."""
+    if token_mask is None:
+        return None
+    B, N = a.shape[0], a.shape[-2]
+    if tuple(token_mask.shape) != (B, N) or b.shape[-2] != N:
+        raise ShapeError(f"token_mask must be (B, N) = ({B}, {N}) for self-attention (N = Nk = {b.shape[-2]}), "
+                         f"got {tuple(token_mask.shape)}; pass the attention mask of the recorded tokens.")
+    return token_mask.to(device=a.device, dtype=torch.bool)
 
 
 def count_nonfinite(a: Tensor, b: Optional[Tensor] = None) -> int:

@@ -32,6 +32,7 @@ from ..state import (AGG_COUNT, AGG_MEAN, DRIFT_K, DRIFT_Q, NONFINITE_WEIGHTS, S
                      TOPK_SCORES)
 from . import html as H
 from .ablation import ablation_section, split_ablation_files
+from .text import is_text_run, text_section
 
 BAND_QUANTILE = 0.99
 FIGURES = "figures"
@@ -619,16 +620,21 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
         else:
             if r.series is not None or r.series_note:
                 nav.append((f"run{ri}-series", "Training series"))
-            nav += [(f"run{ri}-optimal", "Optimal images"), (f"run{ri}-importance", "Mode importance"),
+            nav += [(f"run{ri}-optimal", "Optimal sentences" if is_text_run(r) else "Optimal images"),
+                    (f"run{ri}-importance", "Mode importance"),
                     (f"run{ri}-spectra", "Spectra")]
-        sec = [f'<h2 id="run{ri}">{H.esc(r.label)} <span class="muted">— {H.esc(r.path.name)}, {r.rows} images'
-               f'</span></h2>']
+        sec = [f'<h2 id="run{ri}">{H.esc(r.label)} <span class="muted">— {H.esc(r.path.name)}, {r.rows} '
+               f'{"sentences" if is_text_run(r) else "images"}</span></h2>']
         spectra = _spectra_section(ctx, r, ri, band)
-        optimal, odata, missing = _optimal_section(ctx, r, ri, choices, n_modes, topk, maps, image_root, device)
+        text = is_text_run(r)   # sentences, not images: qkprobe/report/text.py
+        if text:
+            optimal, odata, missing = text_section(ctx, r, ri, choices, n_modes, topk, maps, device)
+        else:
+            optimal, odata, missing = _optimal_section(ctx, r, ri, choices, n_modes, topk, maps, image_root, device)
         importance, idata = _importance_section(ctx, r, ri, band)
         series_html, sdata = _series_section(ctx, r, ri)
         on_disk_missing = ([s for s in r.ids if resolve_image(s, image_root_of(r, image_root)) is None]
-                           if len(r.ids) <= 200000 else [])
+                           if len(r.ids) <= 200000 and not text else [])
         if missing or on_disk_missing:
             items = [f"{s}" for s in missing]
             more = len(set(on_disk_missing) - set(missing))

@@ -121,9 +121,10 @@ def library() -> Optional[ctypes.CDLL]:
         try:
             lib = ctypes.CDLL(str(_build(cc)))
             p, i64 = ctypes.c_void_p, ctypes.c_int64
-            lib.qkprobe_map_stats.argtypes = [p, p, i64, p, p, i64, i64, i64, i64, i64, p, p, i64, i64]
+            lib.qkprobe_map_stats.argtypes = [p, p, i64, p, p, i64, i64, i64, i64, i64, p, p, i64, i64, p, i64]
             lib.qkprobe_map_stats.restype = ctypes.c_int
-            lib.qkprobe_share.argtypes = [p, p, i64, p, p, p, p, i64, i64, i64, i64, p, ctypes.c_float, p, p, i64]
+            lib.qkprobe_share.argtypes = [p, p, i64, p, p, p, p, i64, i64, i64, i64, p, ctypes.c_float, p, p, i64,
+                                          p, i64]
             lib.qkprobe_share.restype = None
             lib.qkprobe_aggregate.argtypes = [p, i64, i64, i64, p, p, i64, p, p, p, p, p, p]
             lib.qkprobe_aggregate.restype = None
@@ -143,14 +144,27 @@ def compiling() -> bool:
     return bool(check and check())
 
 
-def map_stats(a: Tensor, b: Tensor, prefix: int, k: int, out: Tensor) -> bool:
+def _mask_arg(mask: Optional[Tensor], B: int, Na: int, Nb: int):
+    """(mask as contiguous CPU bytes or None, its pointer or None); ``False`` where a given mask is
+    not (B, Na) with Na == Nb."""
+    if mask is None:
+        return None, None
+    if tuple(mask.shape) != (B, Na) or Na != Nb:
+        return False, None
+    mask = mask.to("cpu", torch.bool).contiguous()  # one byte per token, 1 = real
+    return mask, mask.data_ptr()
+
+
+def map_stats(a: Tensor, b: Tensor, prefix: int, k: int, out: Tensor, mask: Optional[Tensor] = None) -> bool:
     """Write the map statistics of a (B, H, Na, R) and b (B, H, Nb, R) into ``out[..., :12]``.
 
     ``out`` (B, H, R, S ≥ 12) float32 on the CPU; columns in the order of
     :data:`qkprobe.core.stats.STAT_NAMES` (q_mean, q_max, q_min, q_top_pos, q_top_neg, k_*, score_pos,
     score_neg); tokens before ``prefix`` are left out; ``k`` ≤ the map tokens of either side.
-    Returns False (nothing written) where the kernel does not apply: not float32 CPU tensors, a
-    strided mode axis, k > 64, or no compiler; the caller then uses the torch path.
+    ``mask`` (B, N) bool (Na = Nb = N): only the real tokens (True) count, top-k clipped per sample
+    to their number, NaN for a sample with none. Returns False (nothing written) where the kernel
+    does not apply: not float32 CPU tensors, a strided mode axis, k > 64, or no compiler; the
+    caller then uses the torch path.
     """
     if compiling():  # inside torch.compile: the traced torch path, not an opaque ctypes call
         return False
@@ -163,22 +177,27 @@ def map_stats(a: Tensor, b: Tensor, prefix: int, k: int, out: Tensor) -> bool:
     if lib is None:
         return False
     B, H, Na, R = a.shape
+    mask, mask_ptr = _mask_arg(mask, B, Na, b.shape[-2])
+    if mask is False:
+        return False
     strides = [(ctypes.c_int64 * 4)(*t.stride()) for t in (a, b, out)]
 
     # Parallel over items through OpenMP (torch's runtime, see _OPENMP); a Python helper thread
     # instead measured no faster in the forward pass, competing with torch's workers.
     code = lib.qkprobe_map_stats(a.data_ptr(), strides[0], Na, b.data_ptr(), strides[1], b.shape[-2], H, R,
-                                 prefix, k, out.data_ptr(), strides[2], 0, B * H)
+                                 prefix, k, out.data_ptr(), strides[2], 0, B * H, mask_ptr, Na)
     if code:
         raise RuntimeError("qkprobe_map_stats rejected its arguments")  # guarded above: a bug if reached
     return True
 
 
-def share_stats(a: Tensor, pb: Tensor, b: Tensor, S: Tensor, scale: float, out: Tensor, col: int) -> bool:
+def share_stats(a: Tensor, pb: Tensor, b: Tensor, S: Tensor, scale: float, out: Tensor, col: int,
+                mask: Optional[Tensor] = None) -> bool:
     """Write the attention contribution and share of every mode into ``out[..., col]`` and
     ``out[..., col + 1]`` (formula in map_stats.c). a, pb (B, H, N, R), b (B, H, Nk, R), S (H, R),
-    out (B, H, R, ·), float32 on the CPU with a unit stride over R. Returns False where the
-    kernel does not apply (nothing written)."""
+    out (B, H, R, ·), float32 on the CPU with a unit stride over R; ``mask`` (B, N) bool (N = Nk):
+    sums over the real queries and keys only. Returns False where the kernel does not apply
+    (nothing written)."""
     if compiling() or not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (a, pb, b, S, out)):
         return False
     if not (a.stride(-1) == pb.stride(-1) == b.stride(-1) == 1 and pb.shape == a.shape and col + 1 < out.shape[-1]):
@@ -187,10 +206,13 @@ def share_stats(a: Tensor, pb: Tensor, b: Tensor, S: Tensor, scale: float, out: 
     if lib is None:
         return False
     B, H, N, R = a.shape
+    mask, mask_ptr = _mask_arg(mask, B, N, b.shape[-2])
+    if mask is False:
+        return False
     S = S.contiguous()
     st = [(ctypes.c_int64 * 4)(*t.stride()) for t in (a, pb, b, out)]
     lib.qkprobe_share(a.data_ptr(), st[0], N, pb.data_ptr(), st[1], b.data_ptr(), st[2], b.shape[-2], B, H, R,
-                      S.data_ptr(), float(scale), out.data_ptr(), st[3], col)
+                      S.data_ptr(), float(scale), out.data_ptr(), st[3], col, mask_ptr, N)
     return True
 
 
