@@ -179,6 +179,9 @@ def test_hovered_values_equal_the_model(run):
                             attn = _cells(page, root, "attn")
                             np.testing.assert_allclose(attn, P[i], rtol=0, atol=P[i].max() / 500 + 1e-7)
                             assert int(fields["argmax-attn"]) == int(np.argmax(attn))
+                            assert int(fields["argmax-contrib"]) == int(np.argmax(contrib))
+                            if i == 0:   # a new image: the key shown is the strongest until one is hovered
+                                assert fields["key"] == fields["argmax-contrib"]
                             assert P[i, int(np.argmax(attn))] >= P[i].max() - P[i].max() / 250
                             # hovering a key shows its own numbers
                             j = (i * 7 + 3) % P.shape[0]

@@ -32,7 +32,6 @@ from ..state import (AGG_COUNT, AGG_MEAN, DRIFT_K, DRIFT_Q, NONFINITE_WEIGHTS, S
                      TOPK_SCORES)
 from . import html as H
 from .ablation import ablation_section, split_ablation_files
-from .viewer import viewer_section
 
 BAND_QUANTILE = 0.99
 FIGURES = "figures"
@@ -627,6 +626,7 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
                f'</span></h2>']
         spectra = _spectra_section(ctx, r, ri, band)
         optimal, odata, missing = _optimal_section(ctx, r, ri, choices, n_modes, topk, maps, image_root, device)
+        from .viewer import viewer_section   # here: `python -m qkprobe.report.viewer` imports the package first
         viewer_html, vdata = viewer_section(r, ri, choices, maps=maps, image_root=image_root, device=device,
                                             progress=progress)
         importance, idata = _importance_section(ctx, r, ri, band)

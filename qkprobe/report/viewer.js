@@ -99,7 +99,7 @@
 
   function Viewer(root, data) {
     this.root = root; this.data = data; this.cache = {};
-    this.state = {head: 0, mode: 0, item: null, query: null, key: null};
+    this.state = {head: 0, mode: 0, item: null, query: null, key: null, keyPinned: false};
     this.build();
     this.selectHead(0);
   }
@@ -202,14 +202,15 @@
       view.root.addEventListener("mouseover", function (e) {
         var c = e.target.closest(".qkv-tok");
         if (!c) return;
-        if (p[0] === "query") self.setQuery(+c.dataset.token); else self.setKey(+c.dataset.token);
+        if (p[0] === "query") self.setQuery(+c.dataset.token);
+        else { self.state.keyPinned = true; self.setKey(+c.dataset.token); }
       });
       self.views[p[0]] = view; self.panels.appendChild(panel);
     });
     var t = this.tokens(), a = this.column(t.a, t.m, t.n), best = item.prefix || 0;
     for (var i = best; i < t.n; i++) if (Math.abs(a[i]) > Math.abs(a[best])) best = i;
     paint(this.views.query, a, rangeColor);
-    this.state.key = null;
+    this.state.keyPinned = false;
     this.setQuery(best);
   };
   Viewer.prototype.column = function (mat, cols, rows) {
@@ -246,7 +247,7 @@
     this.field("argmax-contrib", tokenName(item, jc), jc);
     if (r.attn) { var ja = argmax(r.attn); this.field("argmax-attn", tokenName(item, ja), ja); }
     else this.field("argmax-attn", "not recorded");
-    this.setKey(this.state.key === null ? jc : this.state.key);
+    this.setKey(this.state.keyPinned ? this.state.key : jc);   // the strongest key until one is hovered
   };
   Viewer.prototype.setKey = function (j) {
     var item = this.data.items[this.state.item], r = this.rows();

@@ -368,3 +368,44 @@ def run_summary_html(run) -> str:
             f"</p>")
     return head + H.table(["layer", "name", "heads", "modes", "mean cos", "S-weighted cos"], rows,
                           numeric=(0, 2, 3, 4, 5))
+
+
+def screenshot(page, out, *, viewer: str = ".qkv", token: Optional[int] = None, image: Optional[str] = None,
+               width: int = 1280) -> str:
+    """PNG of the first viewer on a report page with the mouse on a query token (default: the
+    token the viewer opened with, the largest |a_i| of its first mode and image); ``image``: show
+    the first top image whose id contains this text::
+
+        python -m qkprobe.report.viewer report/index.html docs/viewer.png --image astronaut --token 49
+    """
+    from .browser import BrowserError, BrowserSession
+    with BrowserSession(page, width=width) as session:
+        if not session.evaluate(f"!!document.querySelector({json.dumps(viewer)})?.dataset.ready"):
+            raise BrowserError(f"{page} has no interactive viewer; build the report with maps.")
+        if image:
+            thumbs = json.dumps(viewer + " .qkv-thumb")
+            thumb = session.evaluate(f"(() => {{ const b = [...document.querySelectorAll({thumbs})]"
+                                     f".find(b => b.title.includes({json.dumps(image)})); if (b) b.click(); "
+                                     f"return !!b; }})()")
+            if not thumb:
+                raise BrowserError(f"No top image of the viewer's first mode has {image!r} in its name.")
+        if token is None:
+            token = int(session.evaluate(f"document.querySelector({json.dumps(viewer)}).dataset.query"))
+        session.hover(f'{viewer} [data-panel="query"] .qkv-tok[data-token="{int(token)}"]')
+        shot = session.screenshot(out, selector=viewer)
+        errors = session.console_errors()
+    if errors:
+        raise BrowserError(f"The viewer reported errors: {errors[0]}")
+    return shot
+
+
+if __name__ == "__main__":   # pragma: no cover - the command behind docs/viewer.png
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m qkprobe.report.viewer",
+                                     description="screenshot the interactive viewer of a report page")
+    parser.add_argument("page")
+    parser.add_argument("out")
+    parser.add_argument("--token", type=int, default=None, help="query token to hover (0 = cls)")
+    parser.add_argument("--image", default=None, help="show the top image whose id contains this text")
+    args = parser.parse_args()
+    print(screenshot(args.page, args.out, token=args.token, image=args.image))
