@@ -304,3 +304,34 @@ def test_a_token_sequence_renders_and_hovers(tmp_path):
             assert tokens[int(fields["argmax-attn"])] in page.evaluate(
                 f"document.querySelector('{root} [data-field=\"argmax-attn\"]').textContent")
         assert page.console_errors() == []
+
+
+@needs_browser
+def test_missing_images_leave_heads_out_and_the_rest_renders(run, tmp_path):
+    _browser()
+    import shutil
+    from qkprobe.report.build import read_run
+    from qkprobe.report.viewer import ViewerLimits, plan_head
+    heads, lim = [(4, 1), (1, 0)], ViewerLimits(modes=2, images=2)
+    r = read_run(run["file"])
+    plans = [plan_head(r, layer, head, lim) for layer, head in heads]
+    keep = plans[1].top[0][0][0]                                  # one photo: L1 H0's best image of its first mode
+    root = tmp_path / "some"
+    root.mkdir()
+    shutil.copy(run["photos"] / os.path.basename(keep), root)
+    viewer = show(str(run["file"]), heads=heads, limits=lim, image_root=str(root))
+    has = [any(keep in per_sign for per_mode in p.top for per_sign in per_mode) for p in plans]
+    assert [(h["layer"], h["head"]) for h in viewer.payload["heads"]] == [hd for hd, ok in zip(heads, has) if ok]
+    assert len(viewer.notes) == has.count(False)
+    assert all("none of its top images could be read" in n for n in viewer.notes)
+    assert [it["id"] for it in viewer.payload["items"]] == [keep]
+    page_path = viewer.save(tmp_path / "viewer.html")
+    with BrowserSession(page_path) as page:
+        assert page.evaluate("document.querySelector('#viewer').dataset.ready") == "1"
+        for hi in range(len(viewer.payload["heads"])):
+            _choose(page, "#viewer", "head", hi)
+            for mi in range(lim.modes):     # modes whose top images are all missing still show the one image
+                _choose(page, "#viewer", "mode", mi)
+                assert page.evaluate("document.querySelectorAll('#viewer [data-panel=\"attn\"] .qkv-tok').length") \
+                    == 101
+        assert page.console_errors() == []

@@ -157,7 +157,7 @@
     var h = this.head(), tops = h.top[mi];
     this.state.mode = mi; this.modeSel.value = mi;
     if (this.state.item === null || !h.tokens[String(this.state.item)])
-      this.state.item = tops[0].length ? tops[0][0] : tops[1][0];
+      this.state.item = tops[0].length ? tops[0][0] : tops[1].length ? tops[1][0] : +Object.keys(h.tokens)[0];
     this.renderTops();
     this.selectItem(this.state.item);
   };

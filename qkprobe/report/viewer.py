@@ -198,6 +198,9 @@ def build_payload(r, plans: Sequence[HeadPlan], result, limits: ViewerLimits) ->
                          f"{result.bad_layers.get(plan.layer, 'its maps could not be recomputed')}.")
             continue
         head, new_items = _head_entry(r, plan, result, index, len(items))
+        if not head["tokens"]:
+            notes.append(f"L{plan.layer} H{plan.head} is not in the viewer: none of its top images could be read.")
+            continue
         cost = payload_bytes(head) + sum(payload_bytes(it) for it in new_items)
         if heads and size + cost > limits.max_bytes:
             notes.append(f"L{plan.layer} H{plan.head} is not in the viewer: the page would exceed its "
