@@ -277,3 +277,155 @@ def check_page(page, screenshot: Optional[str] = None, *, width: int = 1280, max
                 pass
         shutil.rmtree(profile, ignore_errors=True)
     return result
+
+
+class BrowserSession:
+    """A page kept open in headless Chromium to interact with (tests of the report's viewer,
+    screenshots of a hovered state)::
+
+        with BrowserSession("report/index.html") as page:
+            page.dispatch('.qkv [data-panel="query"] [data-token="5"]', "mouseover")
+            page.evaluate("document.title")
+            page.hover("#run0-viewer [data-token='7']")        # a real mouse move
+            page.screenshot("viewer.png", selector="#run0-viewer")
+            page.console_errors()
+    """
+
+    def __init__(self, page, *, width: int = 1280, height: int = 900, timeout: float = 60.0,
+                 chromium: Optional[str] = None):
+        binary = chromium or find_chromium()
+        if not binary:
+            raise BrowserError("No Chromium found; install it (Debian: apt-get install chromium) or set "
+                               "QKPROBE_CHROMIUM to the browser binary.")
+        self.url = str(page) if "://" in str(page) else Path(page).resolve().as_uri()
+        self.width, self.height, self.timeout = width, height, timeout
+        self._profile = tempfile.mkdtemp(prefix="qkprobe-chromium-")
+        self._log = open(os.path.join(self._profile, "chromium-stderr.log"), "wb")
+        self._proc = self._pipe = None
+        self._fds: List[int] = []
+        try:
+            self._launch(binary)
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _launch(self, binary: str) -> None:
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+        to_r, to_w, from_r, from_w = (_high_fd(f) for f in (to_r, to_w, from_r, from_w))
+
+        def child_fds():  # the child's fd 3 reads our commands, fd 4 answers (see check_page)
+            os.dup2(to_r, 3)
+            os.dup2(from_w, 4)
+
+        args = [binary, *FLAGS, f"--window-size={self.width},{self.height}", f"--user-data-dir={self._profile}",
+                "--remote-debugging-pipe", "about:blank"]
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log,
+                                      preexec_fn=child_fds, close_fds=False)
+        os.close(to_r)
+        os.close(from_w)
+        self._fds = [to_w, from_r]
+        self._pipe = _Pipe(self._proc, to_w, from_r)
+
+    def _open(self) -> None:
+        pipe = self._pipe
+        target = pipe.call("Target.createTarget", {"url": "about:blank"}, timeout=self.timeout)["targetId"]
+        self.session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Runtime", "Log", "Page"):
+            pipe.call(f"{domain}.enable", session=self.session)
+        self._viewport(self.height)
+        pipe.events.clear()
+        pipe.call("Page.navigate", {"url": self.url}, session=self.session, timeout=self.timeout)
+        if not pipe.wait_event("Page.loadEventFired", self.timeout):
+            raise BrowserError(f"{self.url} did not finish loading within {self.timeout:.0f} s.")
+        pipe.drain(0.2)
+
+    def _viewport(self, height: int) -> None:
+        self._pipe.call("Emulation.setDeviceMetricsOverride", {"width": self.width, "height": max(1, int(height)),
+                                                               "deviceScaleFactor": 1, "mobile": False},
+                        session=self.session)
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (JSON-serializable values)."""
+        reply = self._pipe.call("Runtime.evaluate", {"expression": expression, "returnByValue": True,
+                                                     "awaitPromise": True}, session=self.session,
+                                timeout=self.timeout)
+        if "exceptionDetails" in reply:
+            d = reply["exceptionDetails"]
+            raise BrowserError(f"The page threw {d.get('exception', {}).get('description') or d.get('text')}.")
+        return reply.get("result", {}).get("value")
+
+    def dispatch(self, selector: str, event: str = "mouseover") -> None:
+        """Dispatch a bubbling mouse event (``mouseover``, ``click``, ...) or, for ``change``, a
+        plain event on the first element matching ``selector``."""
+        js = (f"(() => {{ const e = document.querySelector({json.dumps(selector)}); if (!e) return false; "
+              f"const ev = {json.dumps(event)} === 'change' ? new Event('change', {{bubbles: true}}) : "
+              f"new MouseEvent({json.dumps(event)}, {{bubbles: true, cancelable: true, view: window}}); "
+              f"e.dispatchEvent(ev); return true; }})()")
+        if not self.evaluate(js):
+            raise BrowserError(f"No element matches {selector} on {self.url}.")
+
+    def rect(self, selector: str, scroll: bool = True) -> Dict[str, float]:
+        """The page-coordinate box {x, y, width, height} (and viewport {vx, vy}) of the first element
+        matching ``selector``, scrolled into view first when ``scroll``."""
+        into_view = "e.scrollIntoView({block: 'center'}); " if scroll else ""
+        js = (f"(() => {{ const e = document.querySelector({json.dumps(selector)}); if (!e) return null; "
+              f"{into_view}const r = e.getBoundingClientRect(); "
+              f"return {{x: r.left + scrollX, y: r.top + scrollY, width: r.width, height: r.height, "
+              f"vx: r.left, vy: r.top}}; }})()")
+        box = self.evaluate(js)
+        if not box:
+            raise BrowserError(f"No element matches {selector} on {self.url}.")
+        return box
+
+    def hover(self, selector: str) -> None:
+        """Move the mouse onto the centre of the first element matching ``selector``."""
+        box = self.rect(selector)
+        self._pipe.call("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": box["vx"] + box["width"] / 2,
+                                                     "y": box["vy"] + box["height"] / 2}, session=self.session)
+        self._pipe.drain(0.1)
+
+    def screenshot(self, path, selector: Optional[str] = None, margin: int = 8) -> str:
+        """PNG of the element matching ``selector`` (with ``margin`` pixels), else of the viewport."""
+        clip = {"x": 0, "y": 0, "width": self.width, "height": self.height, "scale": 1}
+        if selector:
+            box = self.rect(selector, scroll=False)   # scrolling would move a hovered element off the mouse
+            clip = {"x": max(0, box["x"] - margin), "y": max(0, box["y"] - margin),
+                    "width": box["width"] + 2 * margin, "height": box["height"] + 2 * margin, "scale": 1}
+        shot = self._pipe.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                                                          "clip": clip}, session=self.session, timeout=self.timeout)
+        Path(path).write_bytes(base64.b64decode(shot["data"]))
+        return str(path)
+
+    def console_errors(self) -> List[str]:
+        """Console errors, uncaught exceptions and failed loads so far."""
+        self._pipe.drain(0.05)
+        return _errors(self._pipe.events, self.session)
+
+    def close(self) -> None:
+        if self._pipe is not None and self._proc is not None and self._proc.poll() is None:
+            try:
+                self._pipe.call("Browser.close", timeout=5)
+            except BrowserError:
+                pass
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+        self._log.close()
+        shutil.rmtree(self._profile, ignore_errors=True)
+
+    def __enter__(self) -> "BrowserSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -621,6 +621,7 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
             if r.series is not None or r.series_note:
                 nav.append((f"run{ri}-series", "Training series"))
             nav += [(f"run{ri}-optimal", "Optimal sentences" if is_text_run(r) else "Optimal images"),
+                    (f"run{ri}-viewer", "Viewer"),
                     (f"run{ri}-importance", "Mode importance"),
                     (f"run{ri}-spectra", "Spectra")]
         sec = [f'<h2 id="run{ri}">{H.esc(r.label)} <span class="muted">— {H.esc(r.path.name)}, {r.rows} '
@@ -631,6 +632,9 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
             optimal, odata, missing = text_section(ctx, r, ri, choices, n_modes, topk, maps, device)
         else:
             optimal, odata, missing = _optimal_section(ctx, r, ri, choices, n_modes, topk, maps, image_root, device)
+        from .viewer import viewer_section   # here: `python -m qkprobe.report.viewer` imports the package first
+        viewer_html, vdata = viewer_section(r, ri, choices, maps=maps, image_root=image_root, device=device,
+                                            progress=progress)
         importance, idata = _importance_section(ctx, r, ri, band)
         series_html, sdata = _series_section(ctx, r, ri)
         on_disk_missing = ([s for s in r.ids if resolve_image(s, image_root_of(r, image_root)) is None]
@@ -645,12 +649,12 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
         if r.skipped:
             sec.append(H.warning(f"{len(r.skipped)} inputs could not be read during the run and were skipped.",
                                  [f"{s}: {why}" for s, why in r.skipped[:20]]))
-        sec += [series_html, optimal, importance, spectra]
+        sec += [series_html, optimal, viewer_html, importance, spectra]
         body += sec
         report_data["runs"].append({
             "file": str(r.path), "label": r.label, "dim": r.dim, "band": band, "rows": r.rows,
             "missing_images": missing, "missing_on_disk": len(on_disk_missing), "optimal": odata,
-            "importance": idata, "series": sdata,
+            "importance": idata, "series": sdata, "viewer": vdata,
             "weighted_cosine": [plot.head_weighted_cosine(l.S, l.cosine).tolist() for l in r.layers]})
     ablation_html, report_data["ablation"] = ablation_section(ctx, ablation_files, BAND_QUANTILE)
     if ablation_html:

@@ -49,6 +49,9 @@ class MapResult:
     grids: Dict[int, Tuple[int, int]] = field(default_factory=dict)
     layers: Dict[int, LayerRef] = field(default_factory=dict)
     bad_layers: Dict[int, str] = field(default_factory=dict)
+    scales: Dict[int, float] = field(default_factory=dict)        # layer → the bases' logit scale
+    # (layer, head, id) → (N, Nk) the head's actual attention probabilities (only ``keep_probs`` heads)
+    probs: Dict[Tuple[int, int, str], np.ndarray] = field(default_factory=dict)
 
     @property
     def hash_ok(self) -> Optional[bool]:
@@ -121,11 +124,26 @@ def _sign_alignment(U_new: np.ndarray, U_old: np.ndarray, V_new: np.ndarray, V_o
     return sign, agree
 
 
+def _keep_probs(res: MapResult, layer: int, heads: Sequence[int], ids: Sequence[str], q, k, info,
+                scale: float) -> None:
+    """Store the actual attention probabilities of ``heads`` for each image of the batch."""
+    if not heads:
+        return
+    from ..capture.attention import attention_terms, real_probs
+    probs = real_probs(attention_terms(info, q, k), scale)      # (B, H, N, Nk)
+    for h in heads:
+        p = probs[:, int(h)].float().cpu().numpy()
+        for j, sid in enumerate(ids):
+            res.probs[(layer, int(h), sid)] = p[j]
+
+
 def recompute(meta: dict, layers: Sequence[LayerRef], paths: Dict[str, str], *, device: str = "cpu",
-              batch_size: int = 8, progress: bool = True) -> MapResult:
+              batch_size: int = 8, progress: bool = True,
+              keep_probs: Optional[Dict[int, Sequence[int]]] = None) -> MapResult:
     """Rebuild the recorded model and capture the coordinates of ``layers`` for ``paths``
-    (sample id → image file). Never raises for a model that cannot be rebuilt: the reason is a
-    note of the result and ``loaded`` stays False."""
+    (sample id → image file). ``keep_probs``: layer → heads whose actual attention probabilities
+    (the adapter's, as the attention share uses them) are kept in ``probs``. Never raises for a
+    model that cannot be rebuilt: the reason is a note of the result and ``loaded`` stays False."""
     from tqdm import tqdm
 
     from ..adapters.discover import find_attention, prefix_tokens
@@ -204,10 +222,10 @@ def recompute(meta: dict, layers: Sequence[LayerRef], paths: Dict[str, str], *, 
             if not xs:
                 continue
             x = torch.stack(xs).to(device)
-            seen: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+            seen: Dict[int, List[tuple]] = {}
 
             def on_qk(i, q, k, info, seen=seen):
-                seen.setdefault(i, []).append((q, k))
+                seen.setdefault(i, []).append((q, k, info))
 
             with capture_qk([c[1] for c in chosen], on_qk), torch.no_grad():
                 model(x)
@@ -221,7 +239,7 @@ def recompute(meta: dict, layers: Sequence[LayerRef], paths: Dict[str, str], *, 
                 if not calls:
                     res.bad_layers[ref.index] = f"{ref.name} was not called in the forward pass"
                     continue
-                q, k = calls[0]
+                q, k, info = calls[0]
                 a, b = coordinates_from_qk(q, k, lb, dtype=torch.float32)
                 if a.shape[0] != len(ids) or a.shape[2] != b.shape[2]:
                     res.bad_layers[ref.index] = (f"{ref.name} attends within windows or across other tokens than "
@@ -235,8 +253,10 @@ def recompute(meta: dict, layers: Sequence[LayerRef], paths: Dict[str, str], *, 
                 sign = torch.as_tensor(signs[ref.index], dtype=a.dtype).view(1, a.shape[1], 1, -1)
                 a = (a * sign).cpu().numpy()
                 b = (b * sign).cpu().numpy()
+                res.scales[ref.index] = float(lb.scale)
                 for j, sid in enumerate(ids):
                     res.coords[(ref.index, sid)] = (a[j], b[j])
+                _keep_probs(res, ref.index, (keep_probs or {}).get(ref.index, ()), ids, q, k, info, lb.scale)
     finally:
         bar.close()
     for idx, why in res.bad_layers.items():

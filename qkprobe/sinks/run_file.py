@@ -340,6 +340,11 @@ class RunFile:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _repr_html_(self) -> str:
+        """Notebooks: a compact table of the file, its model and per layer the mode cosines."""
+        from ..report.viewer import run_summary_html
+        return run_summary_html(self)
+
     def __repr__(self) -> str:
         return (f"RunFile({str(self.path)!r}, rows={self._rows}, layers={len(self._layers)}, "
                 f"stats={self.stat_names})")
