@@ -51,6 +51,10 @@ def list_images(images_dir: Optional[str] = None, list_file: Optional[str] = Non
                                f"a line.")
         return paths
     images_dir = os.path.expanduser(str(images_dir))
+    if os.path.isfile(images_dir):
+        raise QKProbeError(f"--images {images_dir} is a file, not a folder; pass the folder that holds it "
+                           f"({os.path.dirname(os.path.abspath(images_dir))}), or list the images in a text file "
+                           f"and pass --list.")
     if not os.path.isdir(images_dir):
         raise QKProbeError(f"The images directory {images_dir} does not exist; pass an existing folder "
                            f"of images.")

@@ -14,8 +14,9 @@ from .core.summary import symmetric_energy_fraction, weighted_cosine
 
 
 def layer_summaries(bases: Sequence) -> List[Dict[str, float]]:
-    """Per layer: ``mean_cosine`` (mean over heads and modes of u_r·v_r) and
-    ``weighted_cosine`` (mean over heads of Σ_r (s_r/Σs) cos_r, the paper's S-weighted cosine).
+    """Per layer: ``mean_cosine`` (mean over heads and modes of u_r·v_r),
+    ``weighted_cosine`` (mean over heads of Σ_r (s_r/Σs) cos_r, the paper's S-weighted cosine) and
+    ``positive_fraction`` (the fraction of the layer's modes with cos(u_r, v_r) > 0).
 
     ``bases``: LayerBases objects, or dicts with arrays ``S`` (H, R) and ``cosine`` (H, R).
     """
@@ -23,8 +24,10 @@ def layer_summaries(bases: Sequence) -> List[Dict[str, float]]:
     for lb in bases:
         S = np.asarray(lb["S"] if isinstance(lb, dict) else lb.S.cpu().numpy(), dtype=np.float64)
         cos = np.asarray(lb["cosine"] if isinstance(lb, dict) else lb.cosine.cpu().numpy(), dtype=np.float64)
+        finite = np.isfinite(cos)
         out.append({"mean_cosine": float(np.nanmean(cos)),
-                    "weighted_cosine": float(np.nanmean(head_weighted_cosine(S, cos)))})
+                    "weighted_cosine": float(np.nanmean(head_weighted_cosine(S, cos))),
+                    "positive_fraction": float((cos[finite] > 0).mean()) if finite.any() else float("nan")})
     return out
 
 
@@ -48,7 +51,8 @@ def layer_curve(series: Dict[str, Sequence[Dict[str, float]]], ax=None, title: s
     return _finish_depth_plot(fig, ax, "cosine(u_r, v_r)", title or "query-key mode cosine per layer", 0.8)
 
 
-def layer_curves(path, ax=None, title: str = "", per_model_legend: Optional[bool] = None):
+def layer_curves(path, ax=None, title: str = "", per_model_legend: Optional[bool] = None,
+                 name: Optional[str] = None):
     """The paper's Figure 2 from a ``qkprobe bases`` file: every model's S-weighted cosine per layer
     (mean over heads of Σ_r (s_r/Σs) cos_r) over relative depth, coloured by the model's group
     (training objective where the library's metadata says it, else family; see
@@ -56,7 +60,8 @@ def layer_curves(path, ax=None, title: str = "", per_model_legend: Optional[bool
 
     The official notebook's "weighted cosine" is mean_r(cos_r · s_r/Σs), i.e. this value divided
     by R: the same curve shape. ``per_model_legend``: one legend entry per model (default when
-    there are at most 12), else one per group. Returns the figure.
+    there are at most 12), else one per group. ``name``: the legend label of a single-model file
+    (default its recorded model spec, never the file's path). Returns the figure.
     """
     from .sinks.bases_file import ZOO_KIND, file_kind, read_bases, read_zoo
     kind = file_kind(str(path))
@@ -65,7 +70,7 @@ def layer_curves(path, ax=None, title: str = "", per_model_legend: Optional[bool
         models = [(m["attrs"].get("model_spec", key), str(m["attrs"].get("group", "")), m["layers"])
                   for key, m in zoo["models"].items()]
     else:
-        models = [(str(path), "", read_bases(str(path)))]
+        models = [(name or bases_label(str(path)), "", read_bases(str(path)))]
     plt = _pyplot()
     fig = None
     if ax is None:
@@ -92,7 +97,25 @@ def layer_curves(path, ax=None, title: str = "", per_model_legend: Optional[bool
                               title or "S-weighted query-key cosine per layer", 0.8)
 
 
+def bases_label(path: str) -> str:
+    """A short label of a single-model bases file: its recorded model spec (plus "random init"),
+    else the file's name without folder."""
+    import os
+
+    import h5py
+    with h5py.File(path, "r") as f:
+        spec, random_init = f.attrs.get("model_spec"), f.attrs.get("random_init")
+    if not isinstance(spec, str) or not spec:
+        return os.path.basename(path)
+    return spec + (" (random init)" if random_init is not None and bool(random_init) else "")
+
+
 # --------------------------------------------------------------------------- helpers
+
+def wrap(text: str, width: int = 90) -> str:
+    """``text`` broken into lines of at most ``width`` characters (titles never run off a figure)."""
+    import textwrap
+    return "\n".join(textwrap.wrap(str(text), width)) if len(str(text)) > width else str(text)
 
 def _finish_depth_plot(fig, ax, ylabel: str, title: str, zero_width: float):
     """Zero line, labels, title and legend of a curve over relative depth; the figure (made
@@ -100,7 +123,7 @@ def _finish_depth_plot(fig, ax, ylabel: str, title: str, zero_width: float):
     ax.axhline(0.0, color="0.5", lw=zero_width)
     ax.set_xlabel("relative depth")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(wrap(title, 70))
     ax.legend(fontsize=7)
     if fig is not None:
         fig.tight_layout()
@@ -201,7 +224,7 @@ def _head_pairs(plt, H: int, max_cols: int, height_ratios=(1, 1)):
 
 def _finish_panel(fig, title: str):
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(wrap(title, int(fig.get_figwidth() * 14)), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -346,17 +369,24 @@ def overlay(image, qmap, kmap, dim: float = 0.5) -> np.ndarray:
     return np.clip(np.stack([base + q, base + k, base + k], axis=-1), 0.0, 1.0)
 
 
-def normalize_map(values, size=None) -> np.ndarray:
-    """A map of mode coordinates (gh, gw) → [0, 1]: the positive part over its maximum (zeros
-    when nothing is positive), resized bilinearly to ``size`` = (h, w) when given."""
+def normalize_map(values, size=None, vmax: Optional[float] = None) -> np.ndarray:
+    """A map of mode coordinates (gh, gw) → [0, 1]: the positive part over ``vmax`` (default the
+    map's own maximum; give one ``vmax`` to several maps to put them on a shared scale), clipped,
+    zeros when nothing is positive, resized bilinearly to ``size`` = (h, w) when given."""
     m = np.maximum(np.asarray(values, dtype=np.float64), 0.0)
-    top = m.max() if m.size else 0.0
-    m = m / top if top > 0 else np.zeros_like(m)
+    top = (m.max() if m.size else 0.0) if vmax is None else float(vmax)
+    m = np.clip(m / top, 0.0, 1.0) if top > 0 else np.zeros_like(m)
     if size is not None and m.shape != tuple(size):
         from PIL import Image
         im = Image.fromarray(m.astype(np.float32), mode="F").resize((int(size[1]), int(size[0])), Image.BILINEAR)
         m = np.clip(np.asarray(im, dtype=np.float64), 0.0, 1.0)
     return m
+
+
+def shared_scale(maps: Sequence) -> float:
+    """The largest positive value over ``maps`` (arrays of mode coordinates): the top of a colour
+    scale shared by them (0.0 when none is positive)."""
+    return max([float(np.max(np.maximum(np.asarray(m, dtype=np.float64), 0.0), initial=0.0)) for m in maps] + [0.0])
 
 
 def _tile(image, size: int) -> np.ndarray:
@@ -377,9 +407,11 @@ def optimal_images_grid(rows: Sequence[Dict], title: str = "", tile: int = 160, 
 
     rows: dicts with ``label`` (e.g. "L1 H5 M0 +"), ``cosine`` and ``items``: dicts with
     ``image`` ((h, w, 3) in [0, 1] or None when the file is missing), ``overlay`` (same, or None
-    when no maps), ``score``, ``name`` and optionally ``class`` (written under the image). Tiles
-    are resized to ``tile`` pixels. Drawn as one mosaic image (fast for many rows). Returns the
-    figure.
+    when no maps), ``score``, ``name`` and optionally ``class`` (written under the image). A row
+    may carry ``scale``: ``{"query": vq, "key": vk}``, the coordinate values at full red and full
+    cyan shared by all its overlays (see :func:`shared_scale`); the row then ends with its colour
+    bars, 0 at the bottom, vq and vk at the top. Tiles are resized to ``tile`` pixels. Drawn as one
+    mosaic image (fast for many rows). Returns the figure.
     """
     plt = _pyplot()
     k = max([len(r["items"]) for r in rows] + [1])
@@ -387,7 +419,8 @@ def optimal_images_grid(rows: Sequence[Dict], title: str = "", tile: int = 160, 
     # a line under each image for its class label, when any item has one
     foot = 12 if any(it.get("class") for r in rows for it in r["items"]) else 0
     row_h = tile + head_h + 4 + foot
-    width = label_w + k * (2 * tile + gap_pair) + (k - 1) * gap + 4
+    bars_w = 96 if any(r.get("scale") for r in rows) else 0   # two colour bars and their numbers
+    width = label_w + k * (2 * tile + gap_pair) + (k - 1) * gap + 4 + bars_w
     height = top + max(len(rows), 1) * row_h
     mosaic = np.ones((height, width, 3))
     texts = []
@@ -410,18 +443,40 @@ def optimal_images_grid(rows: Sequence[Dict], title: str = "", tile: int = 160, 
                 cls = str(it["class"])
                 texts.append((x + tile / 2, y + tile + foot - 1, cls if len(cls) <= 24 else cls[:23] + "…", 7,
                               "center"))
+        if row.get("scale"):
+            texts += _colour_bars(mosaic, width - bars_w + 8, y, tile, row["scale"])
     fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
     ax.set_axis_off()
-    for x, y, text, size, ha in texts:
-        va = "center" if ha == "left" or text in ("missing", "no map") else "bottom"
+    for x, y, text, size, ha, *va in texts:
+        va = va[0] if va else "center" if ha == "left" or text in ("missing", "no map") else "bottom"
         ax.text(x, y, text, fontsize=size, ha=ha, va=va)
     if title:
         ax.text(width / 2, 4, title, fontsize=9, ha="center", va="top")
     return fig
+
+
+def _colour_bars(mosaic: np.ndarray, x: int, y: int, height: int, scale: Dict[str, float], bar: int = 12,
+                 base: float = 0.25) -> list:
+    """Paint a red (query) and a cyan (key) colour bar at (x, y) into ``mosaic`` as :func:`overlay`
+    colours them over mid grey (0 at the bottom, the row's shared maximum at the top); returns
+    the texts (x, y, text, size, ha, va) of their ends."""
+    t = np.linspace(1.0, 0.0, height)[:, None]                     # (height, 1), top = full colour
+    grey = base * (1.0 - t)
+    texts = []
+    for j, (key, channels, name) in enumerate((("query", (0,), "q"), ("key", (1, 2), "k"))):
+        x0 = x + j * (bar + 34)
+        cell = np.repeat(np.repeat(grey[..., None], 3, -1), bar, axis=1)   # (height, bar, 3)
+        for c in channels:
+            cell[..., c] = grey[:, 0:1] + t
+        mosaic[y:y + height, x0:x0 + bar] = np.clip(cell, 0.0, 1.0)
+        texts += [(x0 + bar + 2, y + 4, f"{float(scale.get(key, 0.0)):.3g}", 6, "left", "top"),
+                  (x0 + bar + 2, y + height - 2, "0", 6, "left", "bottom"),
+                  (x0 + bar / 2, y - 4, name, 7, "center", "bottom")]
+    return texts
 
 
 # --------------------------------------------------------------------------- training series
@@ -478,15 +533,17 @@ def ablation_effects(cosine, share, effect, measure: str = "kl", band: Optional[
     """What removing each mode does: the mean output change (``measure``: KL of the class
     probabilities, or 1 − cos of the embedding) against the mode's cos(u_r, v_r) (left, with the
     random-pair band shaded) and against its mean attention share (right); one dot per ablated
-    mode, the ``n_labels`` largest effects labelled (``L5H3M0``). Log y axis when every effect is
-    positive. ``cosine``, ``share``, ``effect``: (M,); ``layers`` (M,) layer indices colour the dots
-    by depth. Returns the figure."""
+    mode, the ``n_labels`` largest effects labelled (``L5H3M0``, moved apart where they would
+    overlap). Log y axis when every effect is positive, its ticks plain text (``10⁻²``: right
+    whether or not matplotlib parses math). ``cosine``, ``share``, ``effect``: (M,); ``layers``
+    (M,) layer indices colour the dots by depth. Returns the figure."""
     plt = _pyplot()
     cos, sh, eff = (np.asarray(v, dtype=np.float64).ravel() for v in (cosine, share, effect))
     ok = np.isfinite(eff)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=100, sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), dpi=100, sharey=True, layout="constrained")
     top = [i for i in np.argsort(-np.where(ok, eff, -np.inf))[:n_labels] if ok[i]] if labels is not None else []
     ylabel = "KL(p ‖ p′), mean over images" if measure == "kl" else "1 − cos(e, e′), mean over images"
+    log = bool(ok.any() and (eff[ok] > 0).all())
     for ax, x, xlabel in ((axes[0], cos, "cos(u_r, v_r)"), (axes[1], sh, "mean attention share")):
         if ax is axes[0] and band is not None:
             ax.axvspan(-band, band, color="0.88", lw=0)
@@ -495,19 +552,53 @@ def ablation_effects(cosine, share, effect, measure: str = "kl", band: Optional[
         else:
             lay = np.asarray(layers, dtype=np.float64).ravel()
             pts = ax.scatter(x[ok], eff[ok], s=12, c=lay[ok], cmap="viridis", vmin=0, vmax=max(lay.max(), 1), lw=0)
-        for i in top:
-            ax.annotate(labels[i], (x[i], eff[i]), fontsize=5, xytext=(2, 2), textcoords="offset points")
+        if log:
+            ax.set_yscale("log")
+            _plain_log_ticks(ax)
         ax.set_xlabel(xlabel, fontsize=7)
         ax.tick_params(labelsize=6)
-    if ok.any() and (eff[ok] > 0).all():
-        axes[0].set_yscale("log")
     axes[0].set_xlim(-1.0, 1.0)
     axes[0].set_ylabel(ylabel, fontsize=7)
     if layers is not None and ok.any():
         cb = fig.colorbar(pts, ax=axes, fraction=0.03, pad=0.01)
         cb.set_label("layer", fontsize=7)
         cb.ax.tick_params(labelsize=6)
-    fig.suptitle(title or "what removing each mode does", fontsize=9)
-    if layers is None:
-        fig.tight_layout()
+    fig.suptitle(wrap(title or "what removing each mode does", 100), fontsize=9)
+    for ax, x in ((axes[0], cos), (axes[1], sh)):
+        _label_points(fig, ax, [(str(labels[i]), x[i], eff[i]) for i in top])
     return fig
+
+
+def _plain_log_ticks(ax) -> None:
+    """Major ticks of a log y axis as plain text (``10⁻²``), minor ones unlabelled: matplotlib's
+    default labels are mathtext (``$\\mathdefault{10^{-2}}$``), printed raw where math parsing is off
+    (as in ``qkprobe report``, which draws file text as it is)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    sup = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+    def fmt(value, _pos):
+        if value <= 0:
+            return ""
+        exp = np.log10(value)
+        return f"10{str(int(round(exp))).translate(sup)}" if abs(exp - round(exp)) < 1e-9 else f"{value:.2g}"
+    ax.yaxis.set_major_locator(LogLocator(base=10.0))
+    ax.yaxis.set_major_formatter(FuncFormatter(fmt))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _label_points(fig, ax, points, step: float = 7.0, tries: int = 12) -> None:
+    """Annotate (text, x, y) points, each label moved down in ``step``-point steps until its box
+    overlaps no label placed before it (close points keep readable labels)."""
+    if not points:
+        return
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()   # final layout, so label boxes are measured where they end up
+    placed = []
+    for text, x, y in points:
+        for k in range(tries):
+            ann = ax.annotate(text, (x, y), fontsize=5, xytext=(3, 2 - step * k), textcoords="offset points")
+            box = ann.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed) or k == tries - 1:
+                placed.append(box)
+                break
+            ann.remove()

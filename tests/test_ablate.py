@@ -229,7 +229,8 @@ def test_report_section(ablation, photos, tmp_path):
     [d] = data["ablation"]
     assert d["labels"] == ab.labels()
     np.testing.assert_allclose(d["effect"], ab.effect.mean(1), rtol=1e-6)
-    assert main(["report", str(ablation), "--out", str(tmp_path / "r2"), "--no-progress"]) == 2  # no run file
+    assert main(["report", str(ablation), "--out", str(tmp_path / "r2"), "--no-progress"]) == 0  # alone, too
+    assert "What removing each mode does" in (tmp_path / "r2" / "index.html").read_text(encoding="utf-8")
 
 
 def test_ablation_plot_scales_and_labels():

@@ -48,11 +48,12 @@ def _cli(*args):
 @pytest.mark.parametrize("args,needle", [
     (["bases", "timm:not_a_model_xyz", "--random-init", "--out", "{tmp}/x.h5"], "timm"),
     (["bases", "nolib:thing", "--random-init", "--out", "{tmp}/x.h5"], "timm:"),
-    (["bases", SPEC, "--random-init", "--out", "{tmp}/missing/x.h5"], "does not exist"),
+    (["bases", SPEC, "--random-init", "--out", "{tmp}/afile/x.h5"], "is a file"),  # a missing folder is made
     (["bases", SPEC, "--out", "{tmp}/x.h5"], "--random-init"),  # offline: pretrained cannot be fetched
     (["bases", "torchvision:maxvit_t", "--random-init", "--out", "{tmp}/x.h5"], "register_attention"),
 ])
 def test_bad_input_is_one_sentence_and_nonzero_exit(tmp_path, args, needle):
+    (tmp_path / "afile").write_text("")
     r = _cli(*[a.format(tmp=tmp_path) for a in args])
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()

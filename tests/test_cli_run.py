@@ -73,8 +73,8 @@ def test_output_errors_are_one_sentence(tmp_path):
     out.write_bytes(b"")
     r = cli("run", SPEC, "--random-init", "--out", str(out))
     assert r.returncode == 2 and "already exists" in r.stderr and "--resume" in r.stderr
-    r = cli("run", SPEC, "--random-init", "--out", str(tmp_path / "nope" / "run.h5"))
-    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = cli("run", SPEC, "--random-init", "--out", str(out / "sub" / "run.h5"))   # a missing folder is made, a file
+    assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr  # in the way is said
 
 
 def test_resume_refuses_other_options_or_model(tmp_path, image_dir):

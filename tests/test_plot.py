@@ -102,3 +102,96 @@ def test_optimal_images_grid_and_training_curves():
     fig = plot.training_curves(np.array([-1, 10, 20]), wc - 1, wc, drift={"query": wc / 10, "key": wc / 5})
     np.testing.assert_allclose(fig.axes[1].lines[4 + 1].get_ydata(), wc[:, 1] / 5)  # key side, layer 1
     assert fig.axes[0].lines[0].get_label() == "start"
+
+
+# --------------------------------------------------------------------------- issue 18: figure defects
+
+def _no_math(fn, *args, **kwargs):
+    """Draw as ``qkprobe report`` does: math parsing off, so file text is drawn as it is."""
+    import matplotlib
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        fig = fn(*args, **kwargs)
+        fig.canvas.draw()
+    return fig
+
+
+def _ablation_fig(title="what removing each mode does — " + "timm:vit_small_patch14_dinov2.lvd142m " * 3):
+    rng = np.random.default_rng(0)
+    M = 30
+    cos, share, eff = rng.uniform(-0.3, 0.3, M), rng.uniform(0, 0.2, M), 10 ** rng.uniform(-4, -1, M)
+    cos[:4], share[:4], eff[:4] = 0.1, 0.1, [0.5, 0.49, 0.51, 0.5]   # four biggest effects on one spot
+    return _no_math(plot.ablation_effects, cos, share, eff, labels=[f"L{i}H0M{i}" for i in range(M)],
+                    layers=np.arange(M) % 6, n_labels=4, title=title)
+
+
+def test_ablation_log_ticks_are_plain_text_without_math_parsing():
+    fig = _ablation_fig()
+    for ax in fig.axes[:2]:
+        labels = [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_visible() and t.get_text()]
+        assert labels or ax is fig.axes[1], "no y tick labels"   # the right panel shares the left's y axis
+        assert not [t for t in labels if "$" in t or "mathdefault" in t], labels
+    assert {"10⁻¹", "10⁻²", "10⁻³"} <= {t.get_text() for t in fig.axes[0].get_yticklabels()}
+
+
+def test_ablation_title_axis_label_and_mode_labels_are_inside_and_apart():
+    fig = _ablation_fig()
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    title = fig._suptitle
+    texts = [title, fig.axes[0].yaxis.label, fig.axes[0].xaxis.label, fig.axes[1].xaxis.label]
+    for t in texts:
+        box = t.get_window_extent(renderer)
+        assert t.get_text() and page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1, t.get_text()
+        assert page.y0 - 1 <= box.y0 and box.y1 <= page.y1 + 1, t.get_text()
+    for ax in fig.axes[:2]:
+        boxes = [a.get_window_extent(renderer) for a in ax.texts]
+        assert len(boxes) == 4
+        assert not [(i, j) for i in range(4) for j in range(i) if boxes[i].overlaps(boxes[j])]
+
+
+def test_shared_map_scale_and_colour_bars_per_row():
+    q1, q2 = np.array([[2.0, 0.0], [0.0, 0.0]]), np.array([[1.0, 0.0], [0.0, -3.0]])
+    assert plot.shared_scale([q1, q2]) == 2.0 and plot.shared_scale([-q1]) == 0.0
+    np.testing.assert_allclose(plot.normalize_map(q2, vmax=2.0), [[0.5, 0], [0, 0]])   # not its own max
+    img = np.full((8, 8, 3), 0.5)
+    rows = [{"label": "L0 H0 M0 +", "cosine": 0.1, "scale": {"query": 2.0, "key": 0.25},
+             "items": [{"image": img, "overlay": img, "score": 1.0, "name": "a.png"}]}]
+    fig = plot.optimal_images_grid(rows, tile=40)
+    mosaic = fig.axes[0].images[0].get_array()
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "2" in texts and "0.25" in texts and texts.count("0") == 2
+    right = mosaic[:, -96:]   # the colour bars: full red and full cyan at the top, grey at the bottom
+    reds = np.argwhere((right[..., 0] > 0.99) & (right[..., 1] < 0.01))
+    cyans = np.argwhere((right[..., 0] < 0.01) & (right[..., 1] > 0.99) & (right[..., 2] > 0.99))
+    assert len(reds) and len(cyans)
+    ys = np.argwhere(np.abs(right[..., 0] - 0.25) < 0.02)
+    assert len(ys) and ys[:, 0].max() > reds[:, 0].max()   # the bar fades to grey downwards
+
+
+def test_layer_curves_of_a_bases_file_are_labelled_by_spec_or_name(tmp_path):
+    from qkprobe.sinks.bases_file import write_bases
+    import qkprobe
+    import timm
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    path = tmp_path / "tmpabc123" / "b.h5"
+    path.parent.mkdir()
+    write_bases(str(path), qkprobe.compute_bases(model), {"model_spec": "timm:test_vit", "random_init": True})
+    labels = [t.get_text() for t in plot.layer_curves(path).axes[0].get_legend().get_texts()]
+    assert labels == ["timm:test_vit (random init)"]
+    labels = [t.get_text() for t in plot.layer_curves(path, name="tv").axes[0].get_legend().get_texts()]
+    assert labels == ["tv"]
+
+
+def test_positional_share_of_variance():
+    from qkprobe.report.positional import MIN_IMAGES, POSITIONAL_R2, is_positional, position_r2
+    rng = np.random.default_rng(0)
+    grid = np.add.outer(np.arange(6.0), np.arange(6.0))          # a pure function of position
+    same = [grid + 0.01 * rng.standard_normal(grid.shape) for _ in range(8)]
+    assert position_r2(same) > 0.99
+    noise = [rng.standard_normal((6, 6)) for _ in range(8)]
+    assert position_r2(noise) == pytest.approx(1 / 8, abs=0.08)   # chance level 1/n
+    A = np.stack([m.ravel() for m in noise])
+    between = 8 * ((A.mean(0) - A.mean()) ** 2).sum()
+    assert position_r2(noise) == pytest.approx(between / ((A - A.mean()) ** 2).sum())
+    assert position_r2(same[:MIN_IMAGES - 1]) is None
+    assert is_positional(0.9, POSITIONAL_R2) and not is_positional(0.9, 0.3) and not is_positional(None, 0.9)

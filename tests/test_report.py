@@ -259,3 +259,61 @@ def test_two_runs_and_a_training_series(run_file, tmp_path):
     html = index.read_text(encoding="utf-8")
     assert 'id="run1-series"' in html and 'id="run0-series"' not in html
     assert all((out / src).is_file() for src in _img_srcs(index))
+
+
+# --------------------------------------------------------------------------- issue 18: maps, positional, folding
+
+def test_maps_of_a_row_share_one_colour_scale():
+    from qkprobe.report.build import _row_scale
+    img = np.full((4, 4, 3), 0.5)
+    strong, weak = np.zeros((2, 2)), np.zeros((2, 2))
+    strong[0, 0], weak[0, 0] = 2.0, 1.0
+    cells = [{"image": img, "overlay": None}, {"image": img, "overlay": None}, {"image": None, "overlay": None}]
+    scale = _row_scale(cells, [(strong, strong), (weak, -weak), None])
+    assert scale == {"query": 2.0, "key": 2.0}
+    # the weaker map is drawn at half the colour of the stronger one, not at its own maximum
+    assert cells[0]["overlay"][0, 0, 0] == pytest.approx(1.0)
+    assert cells[1]["overlay"][0, 0, 0] == pytest.approx(0.5 + 0.25 * 0.5, abs=1e-9)
+    assert cells[1]["overlay"][..., 1].max() == pytest.approx(0.25)   # no positive key coordinate: no cyan
+    assert cells[2]["overlay"] is None and _row_scale([{"image": img}], [None]) is None
+
+
+def test_positional_modes_are_flagged_from_the_recomputed_maps():
+    from qkprobe.report.build import Choice, _positional_modes, _positional_note
+    rng = np.random.default_rng(0)
+    grid = np.add.outer(np.arange(4.0), np.arange(4.0))
+
+    class Maps:   # the part of report.maps.MapResult the verdict reads
+        images = {f"i{k}": None for k in range(6)}
+
+        def has(self, layer, sid):
+            return True
+
+        def maps(self, layer, head, mode, sign, sid):
+            if mode == 0:   # the same map in every image: position alone
+                return grid, -grid, 1.0
+            return rng.standard_normal((4, 4)), rng.standard_normal((4, 4)), 1.0
+
+    rows = [(m, sign, [(f"i{k}", 1.0) for k in range(3 * sign, 3 * sign + 3)]) for m in (0, 1) for sign in (0, 1)]
+    verdict = _positional_modes(Maps(), Choice(2, 1, "chosen"), rows)
+    assert verdict[0]["positional"] and verdict[0]["position_r2"]["query"] == pytest.approx(1.0)
+    assert not verdict[1]["positional"] and verdict[1]["position_r2"]["key"] < 0.5
+    note = _positional_note(Choice(2, 1, "chosen"), verdict)
+    assert "L2 H1 M0" in note and "L2 H1 M1" not in note
+    assert _positional_modes(None, Choice(2, 1, "chosen"), rows)[0]["positional"] is False   # --no-maps
+
+
+def test_page_folds_spectra_and_records_scales_and_verdicts(report_dir):
+    index = report_dir / "index.html"
+    html = index.read_text(encoding="utf-8")
+    spectra = re.search(r'<details class="section"( open)?><summary><h3 id="run0-spectra">', html)
+    assert spectra and spectra.group(1) is None      # the tallest section starts folded
+    assert re.search(r'<details class="section" open><summary><h3 id="run0-optimal">', html)
+    entries = _json(index, "report-data")["runs"][0]["optimal"]["entries"]
+    for e in entries:
+        assert e["map_scale"]["query"] >= 0 and e["map_scale"]["key"] >= 0
+        r2 = e["position_r2"]
+        assert e["positional"] == (r2["query"] is not None and r2["key"] is not None
+                                   and min(r2["query"], r2["key"]) >= 0.5)
+    assert any(e["map_scale"]["query"] > 0 for e in entries)
+    assert ("Positional modes:" in html) == any(e["positional"] for e in entries)

@@ -14,7 +14,7 @@ import os
 import sys
 
 from ..errors import RunFileError
-from .common import add_model_args, load_from_args
+from .common import add_model_args, load_from_args, make_out_folder
 
 
 def add_parsers(sub) -> None:
@@ -27,20 +27,20 @@ def add_parsers(sub) -> None:
     which.add_argument("--modes", help="modes to ablate, like L5H3M0,L5H3M1 (layer, head, mode; 0 = largest s)")
     which.add_argument("--top", type=int, help="ablate the N modes with the largest attention share in each layer")
     p.add_argument("--scale", type=float, default=0.0, help="factor on the mode's coordinates (default 0: remove)")
-    p.add_argument("--out", required=True, help="HDF5 ablation file")
+    p.add_argument("--out", required=True, help="HDF5 ablation file (its folder is created if missing)")
     p.add_argument("--fold-ln", action="store_true", help="modes of the bases with the norm's affine map folded in")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--no-cache", action="store_true", help="run full forwards instead of reusing the layers below")
     p.add_argument("--resume", action="store_true", help="continue a file: compute only what it lacks")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def _check_out(args) -> None:
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
-        raise RunFileError(f"The output folder {folder} does not exist; create it or choose another --out.")
+    if os.path.isdir(args.out):
+        raise RunFileError(f"--out {args.out} is a folder; give the path of a file to write, e.g. "
+                           f"{os.path.join(args.out, 'ablate.h5')}.")
     if os.path.exists(args.out) and not args.resume:
         raise RunFileError(f"{args.out} already exists; pass --resume to continue it or choose another --out.")
     if args.resume and not os.path.exists(args.out):
@@ -78,7 +78,6 @@ def _good_batches(loader, skipped: list):
 
 def run(args) -> int:
     import numpy as np
-    from tqdm import tqdm
 
     from ..bases import compute_bases
     from ..capture.ablate import Ablator, ModeRef, attention_shares, parse_modes, top_modes
@@ -91,6 +90,7 @@ def run(args) -> int:
     _check_out(args)
     if args.batch_size < 1:
         raise RunFileError("--batch-size must be at least 1.")
+    make_out_folder(args.out)
     model, transform, meta = load_from_args(args, device=args.device)
     if transform is None or not callable(transform) or hasattr(transform, "tokenize"):
         raise RunFileError(f"{args.spec} has no image preprocessing; qkprobe ablate needs a vision model.")
@@ -130,8 +130,7 @@ def run(args) -> int:
     writer = ablate_file.AblationWriter(args.out)
     images = writer.images
     ablator = Ablator(model, bases, modes, scale=args.scale, cache=not args.no_cache)
-    pending = int((~writer.done).sum())
-    bar = tqdm(total=pending, unit="mode·img", disable=args.no_progress, desc="qkprobe ablate")
+    bar = progress_bar(int((~writer.done).sum()), disable=args.no_progress)
     start = 0
     try:
         loader = make_loader(images, transform, batch_size=args.batch_size)
@@ -151,12 +150,14 @@ def run(args) -> int:
             results = ablator.run_batch(x_all[keep].to(args.device), todo)
             if "measure" not in writer.f.attrs:
                 writer.set_attrs({"measure": ablator.kind})
+            written = 0
             for m, r in results.items():
                 new = ~writer.done[m, idx]  # pairs already in the file keep their values
                 writer.write(m, idx[new], {"effect": r["effect"].cpu().numpy()[new],
                                            "top1_agreement": r["top1"].cpu().numpy()[new],
                                            "attn_change": r["attn_change"].cpu().numpy()[new]})
-                bar.update(int(new.sum()))
+                written += int(new.sum())
+            bar.update(written)   # once per batch: the modes of a batch are computed together
         if ablator.notes:
             writer.set_attrs({"notes": ablator.notes})
     finally:
@@ -164,20 +165,32 @@ def run(args) -> int:
         writer.close()
     for p, why in skipped[:5]:
         print(f"warning: skipped {p}: {why}", file=sys.stderr)
-    print(_summary(ablate_file.open_ablation(args.out)))
+    print(effect_table(ablate_file.open_ablation(args.out)))
     print(f"wrote {len(modes)} modes × {len(images)} images to {args.out}")
     return 0
 
 
-def _summary(ab, n: int = 10) -> str:
-    """The modes with the largest mean effect, as a small table."""
+def progress_bar(total: int, disable: bool = False):
+    """The bar over (mode, image) pairs. Updated once per batch and its rate averaged over the whole
+    run (``smoothing=0``), so the first estimate of the time left is the first batch's pace, not a
+    burst of per-mode updates after a long wait (which gave hours for a minutes-long job)."""
+    from tqdm import tqdm
+    return tqdm(total=total, unit="mode·img", disable=disable, desc="qkprobe ablate", smoothing=0.0)
+
+
+def effect_table(ab, n: int = 10) -> str:
+    """The modes with the largest mean effect, as a small table (a top-1 column only for a
+    classifier: a feature model has no classes)."""
     import numpy as np
+
+    from ..report.ablation import has_top1
     eff = ab.mean("effect")
     order = np.argsort(-np.nan_to_num(eff, nan=-np.inf))[:n]
-    head = f"{'mode':>10} {'cos':>7} {'share':>7} {ab.measure:>9} {'top-1':>6} {'|ΔP|':>9}"
-    rows = [head]
+    top1_col = has_top1(ab)
+    rows = [f"{'mode':>10} {'cos':>7} {'share':>7} {ab.measure:>9}" + (f" {'top-1':>6}" if top1_col else "")
+            + f" {'|ΔP|':>9}"]
     top1, dp = ab.mean("top1_agreement"), ab.mean("attn_change")
     for i in order:
-        rows.append(f"{ab.labels()[i]:>10} {ab.cosine[i]:>+7.3f} {ab.attn_share[i]:>+7.3f} {eff[i]:>9.2e} "
-                    f"{top1[i]:>6.2f} {dp[i]:>9.2e}")
+        rows.append(f"{ab.labels()[i]:>10} {ab.cosine[i]:>+7.3f} {ab.attn_share[i]:>+7.3f} {eff[i]:>9.2e}"
+                    + (f" {top1[i]:>6.2f}" if top1_col else "") + f" {dp[i]:>9.2e}")
     return "\n".join(rows)

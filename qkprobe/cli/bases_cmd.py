@@ -7,29 +7,27 @@ model, resumable (models already in it are skipped on rerun), failures listed wi
 
 from __future__ import annotations
 
-import os
-
-from .common import add_model_args, check_out_file, load_from_args
+from .common import add_model_args, check_out_file, load_from_args, make_out_folder
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("bases", help="singular modes of W_q^T W_k for every attention layer (one model or a zoo)")
     add_model_args(p, nargs="+")
     p.add_argument("--fold-ln", action="store_true", help="fold the affine map of the norm feeding attention")
-    p.add_argument("--out", required=True, help="HDF5 file to write")
+    p.add_argument("--out", required=True, help="HDF5 file to write (its folder is created if missing)")
     p.add_argument("--plot", help="PNG of the layer curve (one model: mean and S-weighted cosine per layer; "
                                   "zoo: every model's S-weighted curve over relative depth, the paper's Figure 2)")
+    p.add_argument("--name", help="short label of the model in the plot's legend and title (default: its spec)")
     p.add_argument("--zoo", action="store_true", help="write a model-zoo file even for one spec")
     p.add_argument("--no-progress", action="store_true", help="no progress bar over models")
     p.set_defaults(func=run)
 
 
-def format_table(bases, summaries) -> str:
-    rows = [f"{'layer':>5}  {'name':<32} {'H':>3} {'R':>4}  {'mean cos':>9} {'S-w cos':>9}  extras"]
-    for i, (lb, s) in enumerate(zip(bases, summaries)):
-        rows.append(f"{i:>5}  {lb.name[-32:]:<32} {lb.num_heads:>3} {lb.head_dim:>4}  "
-                    f"{s['mean_cosine']:>9.4f} {s['weighted_cosine']:>9.4f}  {','.join(sorted(lb.extras)) or '-'}")
-    return "\n".join(rows)
+def format_table(bases) -> str:
+    """The per-layer cosine table of ``qkprobe inspect`` for LayerBases."""
+    from .inspect_cmd import cosine_table
+    return cosine_table([{"S": lb.S.cpu().numpy(), "cosine": lb.cosine.cpu().numpy(), "name": lb.name,
+                          "extras": lb.extras} for lb in bases])
 
 
 def _zoo_mode(args) -> bool:
@@ -45,9 +43,6 @@ def run(args) -> int:
     check_out_file(args.out, example="bases.h5")
     if args.plot:
         check_out_file(args.plot, "--plot", example="layers.png")
-    for path in (args.out, args.plot):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise RunFileError(f"The folder of {path} does not exist; create it or choose another path.")
     if _zoo_mode(args):
         if args.weights:
             raise RunFileError("--weights loads one model's file, so it cannot go with several specs or a zoo "
@@ -66,12 +61,14 @@ def run_one(args) -> int:
     model, _, meta = load_from_args(args)
     bases = compute_bases(model, fold_ln=args.fold_ln)
     meta.update(versions=versions(), options={"fold_ln": bool(args.fold_ln)})
+    make_out_folder(args.out)
     write_bases(args.out, bases, meta)
-    summaries = layer_summaries(bases)
-    print(format_table(bases, summaries))
+    print(format_table(bases))
     print(f"wrote {len(bases)} layers to {args.out}")
     if args.plot:
-        fig = layer_curve({args.spec: summaries}, title=args.spec)
+        make_out_folder(args.plot, "--plot")
+        name = args.name or args.spec + (" (random init)" if args.random_init else "")
+        fig = layer_curve({name: layer_summaries(bases)}, title=name)
         fig.savefig(args.plot, bbox_inches="tight")
         print(f"wrote the layer curve to {args.plot}")
     return 0
@@ -83,6 +80,7 @@ def run_zoo_cmd(args) -> int:
     from ..sinks.bases_file import read_zoo
     from ..zoo import run_zoo
 
+    make_out_folder(args.out)
     res = run_zoo(args.spec, args.out, random_init=args.random_init, seed=args.seed, fold_ln=args.fold_ln,
                   progress=not args.no_progress)
     zoo = read_zoo(args.out)
@@ -91,7 +89,9 @@ def run_zoo_cmd(args) -> int:
     for key, reason in zoo["failed"].items():  # every failure the file records, of this run or earlier ones
         print(f"  failed: {key}: {reason}")
     if args.plot and zoo["models"]:
-        fig = layer_curves(args.out)
+        make_out_folder(args.plot, "--plot")
+        fig = layer_curves(args.out, title=f"S-weighted query-key cosine per layer — {args.name}"
+                           if args.name else "")
         fig.savefig(args.plot, bbox_inches="tight")
         print(f"wrote the layer curves to {args.plot}")
     if not zoo["models"]:

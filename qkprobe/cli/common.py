@@ -26,7 +26,9 @@ def load_from_args(args, device: str = "cpu"):
 # ---- checks of options, made before anything is loaded or written ------------------------------
 
 def check_out_file(path: str, option: str = "--out", example: str = "run.h5") -> None:
-    """``path`` can be written as a file: not a folder, in a folder that exists."""
+    """``path`` can be written as a file: not a folder, and its folder exists or can be made (every
+    command creates a missing output folder, with its parents, when it writes: see
+    :func:`make_out_folder`)."""
     import os
 
     from ..errors import QKProbeError
@@ -34,8 +36,25 @@ def check_out_file(path: str, option: str = "--out", example: str = "run.h5") ->
         raise QKProbeError(f"{option} {path} is a folder; give the path of a file to write, e.g. "
                            f"{os.path.join(path, example)}.")
     folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):        # the nearest existing ancestor must be a folder
+        folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
-        raise QKProbeError(f"The output folder {folder} does not exist; create it or choose another {option}.")
+        raise QKProbeError(f"Cannot make the folder of {option} {path}: {folder} is a file; choose another "
+                           f"{option}.")
+
+
+def make_out_folder(path: str, option: str = "--out") -> None:
+    """Create the folder of the output file ``path`` (and its parents) when it is missing, as
+    ``qkprobe report`` does for its folder; one sentence when it cannot be made."""
+    import os
+
+    from ..errors import QKProbeError
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise QKProbeError(f"Cannot create the folder {folder} for {option} {path} ({exc.strerror or exc}); "
+                           f"choose another {option}.") from None
 
 
 def check_device(device: str) -> None:

@@ -1,11 +1,13 @@
-"""``qkprobe`` command line: ``bases``, ``run``, ``inspect``, ``recover``.
+"""``qkprobe`` command line: ``bases``, ``run``, ``inspect``, ``report``, ``ablate``, ``merge``, ``recover``.
 
 Bad input ends with one sentence on stderr and a non-zero exit; ``--debug`` shows the traceback.
+A reader that stops early (``qkprobe inspect RUN | head -1``) ends the command quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -42,7 +44,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        result = int(args.func(args) or 0)
+        sys.stdout.flush()   # a closed pipe shows here, inside the handler below, not at exit
+        return result
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
     except (QKProbeError, OSError, ValueError) as e:
         if args.debug:
             raise
@@ -59,6 +66,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"qkprobe {args.command}: internal error ({type(e).__name__}: {text}); rerun with --debug for the "
               f"traceback and report it.", file=sys.stderr)
         return 2
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout went away (``| head``): point stdout at /dev/null, so the interpreter's
+    final flush raises nothing (Python's documented recipe for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured in tests)
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,13 +11,13 @@ from typing import Optional
 
 from ..errors import RunFileError
 from .common import (add_model_args, add_transform_args, check_at_least, check_device, check_out_file,
-                     load_from_args, transform_from_args)
+                     load_from_args, make_out_folder, transform_from_args)
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("run", help="record per-mode statistics over an image set into a run file")
     add_model_args(p)
-    p.add_argument("--out", required=True, help="HDF5 run file")
+    p.add_argument("--out", required=True, help="HDF5 run file (its folder is created if missing)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--images", help="folder of images (recursive); default: scikit-image's photographs")
     src.add_argument("--list", help="text file with one image path per line (path<TAB>label lines give class "
@@ -28,16 +28,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--labels", help="text file of path<TAB>label lines: the class label stored with each image "
                                     "(default: the class sub-folders of --images, ImageFolder layout, or the "
                                     "labels of a --list file)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu); on CUDA the statistics "
+                                                   "run in Triton kernels")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes (default: one per CPU core but one, at most 16)")
     p.add_argument("--resume", action="store_true", help="continue a killed run: write exactly the missing images")
-    p.add_argument("--topk", type=int, default=16, help="optimal images kept per layer, head, mode and sign")
+    p.add_argument("--topk", type=int, default=16, help="optimal images kept per layer, head, mode and sign "
+                                                        "(default 16)")
     p.add_argument("--topk-mean", type=int, default=5, help="k of the top-k-mean statistics")
     p.add_argument("--no-per-sample", action="store_true", help="store only aggregates and top-k, not per-image rows")
     p.add_argument("--include-prefix", action="store_true", help="keep cls/register tokens in the maps")
-    p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
+                   help="precision of the stored per-image statistics (default float32)")
     p.add_argument("--stats", help="'all', or comma-separated statistics to store (default: the map statistics "
                                    "and scores; 'all' adds attn_contrib,attn_share, one more attention pass "
                                    "per layer)")
@@ -46,17 +49,17 @@ def add_parsers(sub) -> None:
                         "or force one")
     p.add_argument("--snapshot-every", type=float, default=5.0, metavar="SECONDS",
                    help="seconds between snapshots of the top-k and aggregates (rows are committed every batch)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="print the committed row count after every batch")
     add_transform_args(p)
     p.set_defaults(func=run)
 
-    p = sub.add_parser("inspect", help="print what a run file holds")
-    p.add_argument("file")
+    p = sub.add_parser("inspect", help="print what a qkprobe file holds: run, bases, model zoo or ablation")
+    p.add_argument("file", help="a file written by qkprobe run, bases or ablate")
     p.set_defaults(func=inspect)
 
     p = sub.add_parser("recover", help="make a run file left open by a crash readable again")
-    p.add_argument("file")
+    p.add_argument("file", help="the run file to recover")
     p.add_argument("--force", action="store_true",
                    help="recover even if the writer recorded in the file seems alive (pid reused)")
     p.set_defaults(func=recover)
@@ -89,9 +92,6 @@ def _check_options(args) -> None:
 
 
 def _check_out(args, group=None) -> None:
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
-        raise RunFileError(f"The output folder {folder} does not exist; create it or choose another --out.")
     if group is not None:
         return _check_out_distributed(args, group)
     shards = _metadata(args.out).get("merged_from") if args.resume and os.path.exists(args.out) else None
@@ -269,6 +269,7 @@ def _run(args, group: Optional[_Group]) -> int:
 
     _check_out(args, group)
     paths = image_paths(args, "run on")
+    make_out_folder(args.out)
     label_of = _image_labels(args, paths)
     model, transform, meta = load_from_args(args, device=args.device)
     transform = transform_from_args(transform, args, meta)
@@ -280,7 +281,7 @@ def _run(args, group: Optional[_Group]) -> int:
                            snapshot_every_s=args.snapshot_every)
     meta["versions"] = versions()
     done = set()
-    total = len(paths)
+    total, rows_before = len(paths), 0
     if group is not None:
         import torch.distributed as dist
         if args.resume:
@@ -295,6 +296,7 @@ def _run(args, group: Optional[_Group]) -> int:
         from ..sinks.run_file import open_run
         with open_run(args.out) as done_run:
             done = set(done_run.ids) | {s for s, _ in done_run.skipped}
+            rows_before = len(done_run.ids)
         id_of = _ids_for(args, paths, meta, done)
         paths = [p for p in paths if id_of[p] not in done]
     else:
@@ -307,7 +309,7 @@ def _run(args, group: Optional[_Group]) -> int:
     loader = make_loader(paths, transform, batch_size=args.batch_size,
                          labels=None if label_of is None else [label_of.get(p, "") for p in paths],
                          **_loader_options(args.workers, str(args.device).startswith("cuda")))
-    t0, seen = time.perf_counter(), 0
+    t0, seen, written = time.perf_counter(), 0, 0   # written: rows this invocation added
     lead = group is None or group.rank == 0
     bar = tqdm(total=len(paths), unit="img", disable=args.no_progress or not lead, desc="qkprobe run")
     try:
@@ -316,7 +318,9 @@ def _run(args, group: Optional[_Group]) -> int:
                 for p, good, why in zip(batch_paths, ok.tolist(), reasons):
                     if not good:
                         probe.skip(id_of[p], why)
+                        bar.write(f"warning: skipped {p}: {why}", file=sys.stderr)
                 keep = [i for i, good in enumerate(ok.tolist()) if good]
+                written += len(keep)
                 if keep:
                     probe.set_ids([id_of[batch_paths[i]] for i in keep],
                                   labels=[batch_labels[0][i] for i in keep] if batch_labels else None)
@@ -335,7 +339,8 @@ def _run(args, group: Optional[_Group]) -> int:
         print(f"warning: {count} non-finite mode coordinates (NaN/Inf activations) in {name}; "
               f"counted in the file, the run went on", file=sys.stderr)
     if group is None:
-        print(f"wrote {probe.samples} images to {args.out} ({seen / (time.perf_counter() - t0):.1f} img/s)")
+        before = f"; {rows_before} were there already" if args.resume else ""
+        print(f"wrote {written} images to {args.out}{before} ({seen / (time.perf_counter() - t0):.1f} img/s)")
     elif group.rank == 0:
         from ..sinks.run_file import open_run
         with open_run(args.out) as merged:
@@ -366,34 +371,9 @@ def _image_labels(args, paths):
     return dict(zip(paths, labels))
 
 
-def _label_counts(labels) -> str:
-    """``"cat 7, dog 5, ..."``: the most frequent labels first (at most 10 named)."""
-    from collections import Counter
-    counts = Counter(v for v in labels if v).most_common()
-    text = ", ".join(f"{name} {n}" for name, n in counts[:10])
-    return text + (f", ... ({len(counts) - 10} more classes)" if len(counts) > 10 else "")
-
-
 def inspect(args) -> int:
-    from ..sinks.run_file import open_run
-    with open_run(args.file) as run:
-        meta = run.metadata
-        print(f"{args.file}: {len(run)} committed samples, {len(run.layer_names)} layers, "
-              f"statistics: {', '.join(run.stat_names)}")
-        for key in ("model_spec", "weights_hash", "qkprobe_version", "created"):
-            if key in meta:
-                print(f"  {key}: {meta[key]}")
-        if "options" in meta:
-            print(f"  options: {json.dumps(meta['options'], sort_keys=True)}")
-        for i, name in enumerate(run.layer_names):
-            print(f"  layer {i:2d} {name}")
-        if run.skipped:
-            print(f"  skipped inputs: {len(run.skipped)} (first: {run.skipped[0][0]}: {run.skipped[0][1]})")
-        labels = run.labels
-        if labels is not None:
-            unlabelled = sum(1 for v in labels if not v)
-            print(f"  labels: {len({v for v in labels if v})} classes: {_label_counts(labels)}"
-                  + (f"; {unlabelled} rows without a label" if unlabelled else ""))
+    from .inspect_cmd import inspect_file
+    inspect_file(args.file)
     return 0
 
 

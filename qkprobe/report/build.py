@@ -31,7 +31,8 @@ from ..errors import QKProbeError
 from ..state import (AGG_COUNT, AGG_MEAN, DRIFT_K, DRIFT_Q, NONFINITE_WEIGHTS, SERIES_COSINE, SERIES_S, TOPK_INDEX,
                      TOPK_SCORES)
 from . import html as H
-from .ablation import ablation_section, split_ablation_files
+from ..sinks.ablate_file import is_ablation_file
+from .ablation import ablation_section
 from .text import is_text_run, text_section
 
 BAND_QUANTILE = 0.99
@@ -73,6 +74,8 @@ class RunData:
     series_note: str = ""
     label: str = ""
     labels: Optional[List[str]] = None   # class label per row ("" = none), None without labels
+    kind: str = "run"                    # "run", or "bases" (a bases file or one model of a zoo file: modes only)
+    name: str = ""                       # --name: the short label chosen by the user
     _row_of: Optional[Dict[str, int]] = field(default=None, repr=False)
 
     def class_of(self, sample_id: str) -> Optional[str]:
@@ -135,6 +138,35 @@ def read_run(path) -> RunData:
         data.series, data.series_note = read_series(run)
         data.labels = run.labels
     return data
+
+
+def read_bases_models(path) -> List[RunData]:
+    """The models of a ``qkprobe bases`` file (one) or model-zoo file (one per complete model) as
+    :class:`RunData` without images: what the layer curves and spectra need."""
+    from ..sinks.bases_file import ZOO_KIND, file_kind, read_bases, read_zoo
+    if file_kind(str(path)) == ZOO_KIND:
+        zoo = read_zoo(str(path), arrays=None)
+        models = [(m["attrs"], m["layers"]) for m in zoo["models"].values()]
+    else:
+        import h5py
+        with h5py.File(path, "r") as f:
+            meta = {k: f.attrs[k] for k in f.attrs}
+        models = [(meta, read_bases(str(path)))]
+    out = []
+    for meta, layers in models:
+        meta = {k: (v.item() if getattr(v, "size", 0) == 1 else v) for k, v in meta.items()}  # numpy scalars
+        data = [LayerData(index=i, name=str(d.get("name", f"layer {i}")), S=np.asarray(d["S"], dtype=np.float64),
+                          cosine=np.asarray(d["cosine"], dtype=np.float64), U=np.asarray(d["U"]),
+                          V=np.asarray(d["V"]), heads=list(range(np.asarray(d["S"]).shape[0])), share=None,
+                          share_count=0, topk_scores=None, topk_index=None,
+                          prefix_tokens=int(d.get("prefix_tokens", -1)), fold_ln=bool(d.get("fold_ln", False)),
+                          extras=list(d.get("extras") or []))
+                for i, d in enumerate(layers)]
+        for lay, d in zip(data, layers):
+            lay.sym_eigvals, lay.antisym_eigvals = _sym_arrays(d)
+        out.append(RunData(path=Path(path), meta=meta, rows=0, ids=[], skipped=[], layers=data, options={},
+                           kind="bases"))
+    return out
 
 
 def _sym_arrays(bases: dict):
@@ -314,10 +346,16 @@ class _Ctx:
 
 
 def _labels(runs: Sequence[RunData]) -> None:
+    """Each file's label in legends and titles: ``--name`` (with the model spec for the models of a
+    zoo file), else the recorded model spec, never the file's path."""
     base = []
+    per_file = {}
+    for r in runs:
+        per_file[r.path] = per_file.get(r.path, 0) + 1
     for r in runs:
         spec = str(r.meta.get("model_spec") or r.path.stem)
-        base.append(spec + (" (random init)" if r.meta.get("random_init") else ""))
+        spec += " (random init)" if r.meta.get("random_init") is True or r.meta.get("random_init") == 1 else ""
+        base.append(spec if not r.name else r.name if per_file[r.path] == 1 else f"{r.name}: {spec}")
     for r, b in zip(runs, base):
         r.label = b if base.count(b) == 1 else f"{b} [{r.path.name}]"
 
@@ -343,7 +381,8 @@ def _run_table(runs: Sequence[RunData]) -> str:
     for i, r in enumerate(runs):
         l0 = r.layers[0] if r.layers else None
         rows.append([f'<a href="#run{i}">{H.esc(r.label)}</a>', f"<code>{H.esc(r.path.name)}</code>",
-                     r.rows, len(r.layers), l0.S.shape[0] if l0 else "–", l0.S.shape[1] if l0 else "–", r.dim,
+                     r.rows if r.kind == "run" else "– (bases)", len(r.layers), l0.S.shape[0] if l0 else "–",
+                     l0.S.shape[1] if l0 else "–", r.dim,
                      f"<code>{H.esc(r.meta.get('weights_hash', '–'))}</code>",
                      H.esc(r.meta.get("created", "–")), H.esc(r.meta.get("qkprobe_version", "–"))])
     return H.table(["model", "file", "images", "layers", "heads", "modes", "width D", "weights hash", "created",
@@ -443,37 +482,42 @@ def _optimal_section(ctx: _Ctx, r: RunData, ri: int, choices: List[Choice], n_mo
     head.append('<p class="note">For each chosen head, its top modes by singular value, both signs: sign + ranks '
                 'images by max(a)·max(b), sign − by min(a)·min(b), where a is the query-side coordinate u_r·x of '
                 'a token and b the key-side one v_r·x. Beside each image: the query map (red) and the key map '
-                '(cyan) of that sign, each scaled to its maximum over the image; white where both are high. '
+                '(cyan) of that sign on a colour scale shared by the row (the colour bars at its end: full colour at '
+                'the largest coordinate over the row\'s images); white where both are high. '
                 'Scores are the ones stored in the run; names are "L&lt;layer&gt; H&lt;head&gt; M&lt;mode&gt;", '
                 'counting from 0, M0 the largest singular value.</p>')
     thumbs: Dict[str, Optional[np.ndarray]] = {}
     body = []
     for c, l, rows in plan:
         grid_rows = []
+        positional = _positional_modes(result, c, rows)
         for m, sign, items in rows:
             label = f"L{c.layer} H{c.head} M{m} {'+' if sign == 0 else '−'}"
             entry = {"layer": c.layer, "head": c.head, "mode": m, "sign": sign, "label": label,
-                     "cosine": float(l.cosine[c.head, m]), "items": []}
-            cells = []
+                     "cosine": float(l.cosine[c.head, m]), "items": [], **positional[m]}
+            cells, qk = [], []
             for sid, score in items:
-                img = ov = None
+                img = maps_of = None
                 recomputed = None
                 if result is not None and sid in result.images:
                     img = result.images[sid]
                     if result.has(c.layer, sid):
                         qm, km, recomputed = result.maps(c.layer, c.head, m, sign, sid)
-                        size = img.shape[:2]
-                        ov = plot.overlay(img, plot.normalize_map(qm, size), plot.normalize_map(km, size))
+                        maps_of = (qm, km)
                 elif needed.get(sid) is not None:
                     if sid not in thumbs:
                         thumbs[sid] = _thumbnail(needed[sid])
                     img = thumbs[sid]
-                cells.append({"image": img, "overlay": ov, "score": score, "name": os.path.basename(sid),
+                qk.append(maps_of)
+                cells.append({"image": img, "overlay": None, "score": score, "name": os.path.basename(sid),
                               "class": r.class_of(sid)})
                 entry["items"].append({"id": sid, "score": score, "recomputed_score": recomputed,
                                        "missing": sid in missing, "class": r.class_of(sid)})
+            scale = _row_scale(cells, qk)
+            entry["map_scale"] = scale
             entry["top_classes"] = _top_classes([it["class"] for it in entry["items"]])
-            grid_rows.append({"label": label, "cosine": float(l.cosine[c.head, m]), "items": cells})
+            grid_rows.append({"label": label + ("\npositional" if positional[m]["positional"] else ""),
+                              "cosine": float(l.cosine[c.head, m]), "items": cells, "scale": scale})
             data["entries"].append(entry)
         fig = plot.optimal_images_grid(grid_rows)
         src = ctx.save(fig, f"run{ri}_optimal_L{c.layer:02d}_H{c.head:02d}.png")
@@ -483,7 +527,53 @@ def _optimal_section(ctx: _Ctx, r: RunData, ri: int, choices: List[Choice], n_mo
                     f"{c.head}; {H.esc(why)}</span></h4>")
         body.append(H.figure(src, f"optimal images of layer {c.layer} head {c.head}"))
         body.append(_classes_note([e for e in data["entries"] if (e["layer"], e["head"]) == (c.layer, c.head)]))
+        body.append(_positional_note(c, positional))
     return "\n".join(head + body), data, missing
+
+
+def _row_scale(cells: List[dict], qk: List[Optional[tuple]]) -> Optional[Dict[str, float]]:
+    """Draw the overlays of one (mode, sign) row on a colour scale shared by its images (query and
+    key each their own): sets each cell's ``overlay``; returns {"query": vq, "key": vk} (None
+    when the row has no maps)."""
+    have = [m for m in qk if m is not None]
+    if not have:
+        return None
+    scale = {"query": plot.shared_scale([q for q, _ in have]), "key": plot.shared_scale([k for _, k in have])}
+    for cell, maps_of in zip(cells, qk):
+        if maps_of is not None and cell["image"] is not None:
+            size = cell["image"].shape[:2]
+            cell["overlay"] = plot.overlay(cell["image"], plot.normalize_map(maps_of[0], size, vmax=scale["query"]),
+                                           plot.normalize_map(maps_of[1], size, vmax=scale["key"]))
+    return scale
+
+
+def _positional_modes(result, c: Choice, rows) -> Dict[int, dict]:
+    """Per mode of a chosen head: the share of its query and key maps' variance that token position
+    explains over the mode's recomputed top images of both signs, and the verdict
+    (:mod:`qkprobe.report.positional`)."""
+    from .positional import is_positional, position_r2
+    out: Dict[int, dict] = {}
+    for m in dict.fromkeys(m for m, _, _ in rows):
+        sids = dict.fromkeys(sid for mm, _, items in rows if mm == m for sid, _ in items)
+        maps_of = [result.maps(c.layer, c.head, m, 0, sid)[:2] for sid in sids
+                   if result is not None and sid in result.images and result.has(c.layer, sid)]
+        r2q, r2k = position_r2([q for q, _ in maps_of]), position_r2([k for _, k in maps_of])
+        out[m] = {"position_r2": {"query": r2q, "key": r2k}, "positional": is_positional(r2q, r2k)}
+    return out
+
+
+def _positional_note(c: Choice, positional: Dict[int, dict]) -> str:
+    """One line naming the chosen head's positional modes ('' when none)."""
+    from .positional import POSITIONAL_R2
+    flagged = [(m, v["position_r2"]) for m, v in positional.items() if v["positional"]]
+    if not flagged:
+        return ""
+    names = ", ".join(f"L{c.layer} H{c.head} M{m} (R² query {r['query']:.2f}, key {r['key']:.2f})"
+                      for m, r in flagged)
+    return (f'<p class="note positional"><strong>Positional modes:</strong> {H.esc(names)}: token position alone '
+            f'explains at least {POSITIONAL_R2:.0%} of the variance of both maps over the top images (the per-token '
+            f'mean over images against the variance over images and tokens); their maps show where a token is, '
+            f'not what it shows.</p>')
 
 
 def _top_classes(classes: Sequence[Optional[str]], n: int = 3) -> List[List[Any]]:
@@ -572,8 +662,13 @@ def _plain_text(fn):
 @_plain_text
 def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, int]]] = None, n_extreme: int = 1,
                  n_modes: int = 2, topk: int = 4, maps: bool = True, image_root: Optional[str] = None,
-                 device: str = "cpu", progress: bool = True, force: bool = False) -> Path:
-    """Write ``out/index.html`` and its figures for the run files ``paths``; returns the page's path.
+                 device: str = "cpu", progress: bool = True, force: bool = False,
+                 names: Optional[Sequence[str]] = None) -> Path:
+    """Write ``out/index.html`` and its figures for the files ``paths``; returns the page's path.
+
+    Every qkprobe file kind is drawn: run files (everything below), bases and model-zoo files
+    (layer curves and spectra), ablation files (what removing each mode does). ``names``: one
+    short label per file for legends and titles (default: the recorded model spec).
 
     heads: (layer, head) pairs whose optimal images are shown (default: see :func:`choose_heads`),
     n_modes modes per head (largest singular values), topk images per mode and sign. maps=False
@@ -583,51 +678,42 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
     report killed half-way leaves the previous one whole. An ``index.html`` in ``out`` that
     qkprobe did not write is not overwritten unless ``force``.
     """
-    paths, ablation_files = split_ablation_files(paths)   # files of ``qkprobe ablate`` get their own section
-    if not paths:
-        raise QKProbeError("Give at least one run file to report on.")
-    runs = [read_run(p) for p in paths]        # a bad file stops here, before anything is written
+    runs, ablation_files, ablation_names = _read_inputs(paths, names)  # a bad file stops here, before writing
     _labels(runs)
-    all_choices = [choose_heads(r, n_extreme=n_extreme, explicit=heads) for r in runs]  # so do bad --heads
+    all_choices = [choose_heads(r, n_extreme=n_extreme, explicit=heads) if r.kind == "run" else []
+                   for r in runs]  # so do bad --heads
     final = Path(out)
     out = _stage(final, force)                 # everything below is written here, then swapped in
     ctx = _Ctx(out=out, figures=out / FIGURES, progress=progress)
     ctx.figures.mkdir(exist_ok=True)
 
-    curve = layer_curve_data(runs)
-    series = {c["label"]: [{"mean_cosine": m, "weighted_cosine": w}
-                           for m, w in zip(c["mean_cosine"], c["weighted_cosine"])] for c in curve["runs"]}
-    src = ctx.save(plot.layer_curve(series, title="query-key mode cosine per layer"), "layer_curve.png")
-    body = ['<h2 id="runs">Run files</h2>', _run_table(runs)]
+    body, nav = _curves_part(ctx, runs)
     warn_html: List[str] = []
-    body += ['<h2 id="layer-curves">Layer curves</h2>',
-             '<p class="note">Per layer, the mean over heads and modes of cos(u_r, v_r) (dashed) and the mean over '
-             'heads of the singular-value-weighted cosine Σ_r (s_r/Σs) cos_r (solid); x is the relative depth, '
-             '0 = first recorded layer, 1 = last. Above 0: heads mostly attend to tokens like the query '
-             '(grouping); below: to unlike tokens (contextualizing).</p>',
-             H.figure(src, "layer curves", width=720), H.json_block("layer-curve-data", curve)]
-    if any((r.options.get("layers") is not None) for r in runs):
-        body.append('<p class="note">Some files record a subset of layers; '
-                    'their depth axis spans the recorded ones.</p>')
-
-    nav = [("runs", "Run files"), ("layer-curves", "Layer curves")]
     report_data = {"runs": [], "band_quantile": BAND_QUANTILE, "band_method": "exact (Beta distribution)"}
     for ri, r in enumerate(runs):
         band = plot.random_cosine_band(r.dim, BAND_QUANTILE)
         choices = all_choices[ri]
+        if r.kind == "bases":
+            nav.append((f"run{ri}", r.label) if len(runs) > 1 else (f"run{ri}-spectra", "Spectra"))
+            body += [f'<h2 id="run{ri}">{H.esc(r.label)} <span class="muted">— {H.esc(r.path.name)}, modes only'
+                     f'</span></h2>', H.collapsible(_spectra_section(ctx, r, ri, band), open_=len(runs) == 1)]
+            report_data["runs"].append({"file": str(r.path), "label": r.label, "kind": r.kind, "dim": r.dim,
+                                        "band": band, "weighted_cosine": [plot.head_weighted_cosine(l.S, l.cosine)
+                                                                          .tolist() for l in r.layers]})
+            continue
+        text = is_text_run(r)   # sentences, not images: qkprobe/report/text.py
         if len(runs) > 1:
             nav.append((f"run{ri}", r.label))
         else:
             if r.series is not None or r.series_note:
                 nav.append((f"run{ri}-series", "Training series"))
-            nav += [(f"run{ri}-optimal", "Optimal sentences" if is_text_run(r) else "Optimal images"),
+            nav += [(f"run{ri}-optimal", "Optimal sentences" if text else "Optimal images"),
                     (f"run{ri}-viewer", "Viewer"),
                     (f"run{ri}-importance", "Mode importance"),
                     (f"run{ri}-spectra", "Spectra")]
         sec = [f'<h2 id="run{ri}">{H.esc(r.label)} <span class="muted">— {H.esc(r.path.name)}, {r.rows} '
-               f'{"sentences" if is_text_run(r) else "images"}</span></h2>']
+               f'{"sentences" if text else "images"}</span></h2>']
         spectra = _spectra_section(ctx, r, ri, band)
-        text = is_text_run(r)   # sentences, not images: qkprobe/report/text.py
         if text:
             optimal, odata, missing = text_section(ctx, r, ri, choices, n_modes, topk, maps, device)
         else:
@@ -649,14 +735,15 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
         if r.skipped:
             sec.append(H.warning(f"{len(r.skipped)} inputs could not be read during the run and were skipped.",
                                  [f"{s}: {why}" for s, why in r.skipped[:20]]))
-        sec += [series_html, optimal, viewer_html, importance, spectra]
+        sec += [H.collapsible(series_html), H.collapsible(optimal), H.collapsible(viewer_html),
+                H.collapsible(importance), H.collapsible(spectra, open_=False)]   # spectra: one tall figure per layer
         body += sec
         report_data["runs"].append({
-            "file": str(r.path), "label": r.label, "dim": r.dim, "band": band, "rows": r.rows,
+            "file": str(r.path), "label": r.label, "kind": r.kind, "dim": r.dim, "band": band, "rows": r.rows,
             "missing_images": missing, "missing_on_disk": len(on_disk_missing), "optimal": odata,
             "importance": idata, "series": sdata, "viewer": vdata,
             "weighted_cosine": [plot.head_weighted_cosine(l.S, l.cosine).tolist() for l in r.layers]})
-    ablation_html, report_data["ablation"] = ablation_section(ctx, ablation_files, BAND_QUANTILE)
+    ablation_html, report_data["ablation"] = ablation_section(ctx, ablation_files, BAND_QUANTILE, ablation_names)
     if ablation_html:
         body.append(ablation_html)
         nav.append(("ablation", "What removing each mode does"))
@@ -665,8 +752,8 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
         body.insert(0, '<div id="warnings">' + "".join(warn_html) + "</div>")
 
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    subtitle = [f"{len(runs)} run file{'s' if len(runs) != 1 else ''}: "
-                + ", ".join(H.esc(r.label) for r in runs),
+    labels = [r.label for r in runs] + [n or Path(a).name for a, n in zip(ablation_files, ablation_names)]
+    subtitle = [f"{len(labels)} file{'s' if len(labels) != 1 else ''}: " + ", ".join(H.esc(x) for x in labels),
                 f"Made {created} by qkprobe {H.esc(__version__)} — method of Pan et al., <em>Dissecting Query-Key "
                 f"Interaction in Vision Transformers</em> (NeurIPS 2024)."]
     page = H.page("qkprobe report", subtitle, nav, "\n".join(body))
@@ -676,6 +763,51 @@ def build_report(paths: Sequence, out, *, heads: Optional[Sequence[Tuple[int, in
     os.replace(tmp, index)
     _publish(out, final)
     return final / "index.html"
+
+
+def _curves_part(ctx: _Ctx, runs: Sequence[RunData]) -> Tuple[List[str], List[tuple]]:
+    """(HTML parts, nav entries) of the files table and the layer curves (none without runs or
+    bases files, e.g. for ablation files alone)."""
+    if not runs:
+        return [], []
+    curve = layer_curve_data(runs)
+    series = {c["label"]: [{"mean_cosine": m, "weighted_cosine": w}
+                           for m, w in zip(c["mean_cosine"], c["weighted_cosine"])] for c in curve["runs"]}
+    src = ctx.save(plot.layer_curve(series, title="query-key mode cosine per layer"), "layer_curve.png")
+    body = ['<h2 id="runs">Files</h2>', _run_table(runs),
+            '<h2 id="layer-curves">Layer curves</h2>',
+            '<p class="note">Per layer, the mean over heads and modes of cos(u_r, v_r) (dashed) and the mean over '
+            'heads of the singular-value-weighted cosine Σ_r (s_r/Σs) cos_r (solid); x is the relative depth, '
+            '0 = first recorded layer, 1 = last. Above 0: heads mostly attend to tokens like the query '
+            '(grouping); below: to unlike tokens (contextualizing).</p>',
+            H.figure(src, "layer curves", width=720), H.json_block("layer-curve-data", curve)]
+    if any((r.options.get("layers") is not None) for r in runs):
+        body.append('<p class="note">Some files record a subset of layers; '
+                    'their depth axis spans the recorded ones.</p>')
+    return body, [("runs", "Files"), ("layer-curves", "Layer curves")]
+
+
+def _read_inputs(paths: Sequence, names: Optional[Sequence[str]]) -> Tuple[List[RunData], List, List[str]]:
+    """(runs and bases models as RunData, ablation files, their names) of the report's inputs,
+    each read by its file kind; ``names``: one per path (or None)."""
+    from ..sinks.bases_file import BASES_KIND, ZOO_KIND, file_kind
+    if names is not None and len(names) != len(paths):
+        raise QKProbeError(f"Got {len(names)} --name for {len(paths)} files; give one --name per file, in order.")
+    if not paths:
+        raise QKProbeError("Give at least one file to report on.")
+    names = list(names) if names is not None else [""] * len(paths)
+    runs: List[RunData] = []
+    ablations, ablation_names = [], []
+    for p, name in zip(paths, names):
+        if is_ablation_file(p):
+            ablations.append(p)
+            ablation_names.append(name)
+            continue
+        models = read_bases_models(p) if file_kind(str(p)) in (BASES_KIND, ZOO_KIND) else [read_run(p)]
+        for m in models:
+            m.name = name
+        runs += models
+    return runs, ablations, ablation_names
 
 
 # --------------------------------------------------------------------------- writing the folder

@@ -37,6 +37,8 @@ code { font-size: 12.5px; background: #f3f4f6; padding: 0 3px; border-radius: 3p
 .warn { background: var(--warn-bg); color: var(--warn); border: 1px solid #f0d9a8; border-radius: 4px;
         padding: 8px 12px; margin: 10px 0; }
 .warn ul { margin: 4px 0 0 18px; padding: 0; }
+details.section > summary { cursor: pointer; }
+details.section > summary > h3 { display: inline-block; margin: 20px 0 6px; }
 .grid { display: flex; flex-wrap: wrap; gap: 10px 18px; }
 .grid figure { flex: 0 1 auto; }
 """
@@ -85,6 +87,19 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequenc
             cells.append(f"<td{cls}>{v}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def collapsible(section: str, open_: bool = True) -> str:
+    """A section (HTML starting with its ``<h3>`` heading) as ``<details>``: the heading stays
+    visible as the summary, a click folds the rest away; closed unless ``open_``."""
+    if not section.strip():
+        return section
+    head, rest = "", section
+    if section.startswith("<h3"):
+        end = section.index("</h3>") + len("</h3>")
+        head, rest = section[:end], section[end:]
+    return (f'<details class="section"{" open" if open_ else ""}><summary>{head or "details"}</summary>'
+            f"{rest}</details>")
 
 
 def warning(title: str, items: Sequence[str] = ()) -> str:

@@ -21,6 +21,8 @@ from ..errors import RunFileError
 from ..metadata import to_attr
 
 SCHEMA_VERSION = 1
+#: ``kind`` of a single-model bases file (``qkprobe bases SPEC``).
+BASES_KIND = "qkprobe-bases"
 _ARRAYS = ("U", "S", "V", "cosine", "key_bias_term", "a_offset", "b_offset")
 #: Written when present (None for cross-attention with D != Dk, where M has no symmetric part).
 _OPTIONAL_ARRAYS = ("sym_eigvals", "antisym_eigvals")
@@ -74,7 +76,7 @@ def write_bases(path: str, bases: List, metadata: Dict[str, Any]) -> None:
 
 def _write_bases_file(tmp: str, bases: List, metadata: Dict[str, Any]) -> None:
     with h5py.File(tmp, "w") as f:
-        f.attrs["kind"] = "qkprobe-bases"
+        f.attrs["kind"] = BASES_KIND
         f.attrs["schema_version"] = SCHEMA_VERSION
         for k, v in metadata.items():
             f.attrs[k] = to_attr(v)
@@ -84,7 +86,7 @@ def _write_bases_file(tmp: str, bases: List, metadata: Dict[str, Any]) -> None:
 def read_bases(path: str) -> List[Dict[str, Any]]:
     """The layers of a bases file as dicts of arrays and attrs, in forward order."""
     with h5py.File(path, "r") as f:
-        if f.attrs.get("kind") != "qkprobe-bases":
+        if f.attrs.get("kind") != BASES_KIND:
             raise RunFileError(f"{path} is not a qkprobe bases file; make one with `qkprobe bases`.")
         return read_layers(f)
 
