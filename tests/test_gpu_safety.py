@@ -91,7 +91,7 @@ def test_triton_launches_run_under_the_cuda_device_of_the_tensors(monkeypatch):
     reducer = TritonReducer(ReduceOptions(topk=3))
     for device in (torch.device("cuda", 1), torch.device("cpu")):  # a model on cuda:1; CPU (interpreter)
         q = types.SimpleNamespace(device=device, dtype=torch.float16, shape=(2, 3, 5, 8))
-        assert reducer(types.SimpleNamespace(q=q, k=q, attention=None), maps) is stats
+        assert reducer(types.SimpleNamespace(q=q, k=q, attention=None, token_mask=None), maps) is stats
     assert seen == [1, None] and entered == []
 
 
@@ -217,10 +217,10 @@ def test_auto_falls_back_when_the_c_kernels_fail_at_call(monkeypatch):
     reference = TorchReducer(options, native=False)(event, maps)
     real = native.map_stats
 
-    def map_stats(*args):
+    def map_stats(*args, **kwargs):
         if native.enabled():
             raise RuntimeError("qkprobe_map_stats rejected its arguments")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(native, "map_stats", map_stats)
     reducer = reducer_for("auto", "cpu", options)
