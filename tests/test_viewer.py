@@ -468,3 +468,29 @@ def test_text_run_hovered_values_equal_the_model(text_run, tmp_path):
         assert im.size[0] > 600 and im.size[1] > 200
     page_text = text_run["page"].read_text(encoding="utf-8")
     assert "top sentences of either sign" in page_text and "Hover a token" in page_text
+
+
+def test_text_viewer_leaves_out_sentences_gone_from_their_file(text_run):
+    """A sentence no longer in its file is left out of the viewer; a head none of whose top
+    sentences can be read is left out with a note (sentences, not images)."""
+    from qkprobe.report.build import read_run
+    from qkprobe.report.viewer import _head_ids, plan_head
+    lim = ViewerLimits(modes=1, images=1)
+    r = read_run(text_run["file"])
+    ids = [_head_ids(plan_head(r, layer, head, lim)) for layer, head in TEXT_HEADS]
+    only_first = [s for s in ids[0] if s not in ids[1]]
+    assert only_first, "the two heads' top sentences should differ (pick other heads)"
+    keep = only_first[0]                                  # kept in the file: the first head has it, the second not
+    text = text_run["root"] / "sentences.txt"
+    full = text.read_text(encoding="utf-8")
+    lines = full.splitlines()
+    line = int(keep.rsplit(":", 1)[1])
+    try:
+        text.write_text("\n".join(x if n == line else "" for n, x in enumerate(lines, 1)) + "\n", encoding="utf-8")
+        viewer = show(str(text_run["file"]), heads=TEXT_HEADS, limits=lim)
+    finally:
+        text.write_text(full, encoding="utf-8")
+    assert [(h["layer"], h["head"]) for h in viewer.payload["heads"]] == TEXT_HEADS[:1]
+    assert [(it["id"], it["text"]) for it in viewer.payload["items"]] == [(keep, lines[line - 1])]
+    assert len(viewer.notes) == 1 and "L2 H1" in viewer.notes[0]
+    assert "none of its top sentences could be read" in viewer.notes[0]
