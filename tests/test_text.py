@@ -149,6 +149,10 @@ def test_run_text_end_to_end_resume_and_report(minilm, tmp_path, monkeypatch, ca
     data = json.loads(page.split('<script type="application/json" id="report-data">', 1)[1].split("</script>", 1)[0])
     entries = data["runs"][0]["optimal"]["entries"]
     assert data["runs"][0]["missing_images"] == [] and data["runs"][0]["missing_on_disk"] == 0
+    # the interactive viewer covers text runs too (tests/test_viewer.py checks its numbers)
+    viewer = data["runs"][0]["viewer"]
+    assert viewer["heads"] == [[0, 2], [5, 1]] and viewer["items"] >= 1 and viewer["notes"] == []
+    assert 'id="run0-qkv-data"' in page and "top sentences of either sign" in page
     assert len(entries) == 2 * 2 * 2
     shown = [it for e in entries for it in e["items"]]
     assert len(shown) == 8 * 4 and all(it["text"] and not it["missing"] for it in shown)

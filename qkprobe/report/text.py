@@ -13,13 +13,13 @@ query (red) and key (cyan) coordinate.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..text import TEXT_FIELD, TEXT_ROOT, resolve_sentence
 from . import html as H
-from .maps import LayerRef, _sign_alignment
+from .maps import LayerRef, _keep_probs, _sign_alignment
 
 QUERY_RGB = (0.85, 0.1, 0.1)   # as the image overlays: query red, key cyan
 KEY_RGB = (0.0, 0.75, 0.85)
@@ -30,13 +30,30 @@ def is_text_run(run) -> bool:
     return bool(run.meta.get(TEXT_ROOT))
 
 
+def run_sentence(run, sample_id: str) -> Optional[str]:
+    """The sentence a text run's sample id names (None: gone from its file)."""
+    return resolve_sentence(sample_id, run.meta.get(TEXT_ROOT), run.meta.get(TEXT_FIELD) or None)
+
+
 @dataclass
 class SentenceCoords:
-    """Recomputed coordinates of the chosen layers for a few sentences."""
+    """Recomputed coordinates of the chosen layers for a few sentences (what
+    :class:`qkprobe.report.maps.MapResult` is for images; the viewer reads either)."""
 
+    noun: ClassVar[str] = "sentences"
+    loaded: bool = False                                                           # the model was rebuilt
     notes: List[str] = field(default_factory=list)
+    texts: Dict[str, str] = field(default_factory=dict)                            # id → sentence
     tokens: Dict[str, List[str]] = field(default_factory=dict)                     # id → tokens
     coords: Dict[Tuple[int, str], Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # (H, N, R) each
+    layers: Dict[int, LayerRef] = field(default_factory=dict)
+    bad_layers: Dict[int, str] = field(default_factory=dict)
+    scales: Dict[int, float] = field(default_factory=dict)        # layer → the bases' logit scale
+    # (layer, head, id) → (N, N) the head's actual attention probabilities (only ``keep_probs`` heads)
+    probs: Dict[Tuple[int, int, str], np.ndarray] = field(default_factory=dict)
+
+    def has(self, layer: int, sample_id: str) -> bool:
+        return (layer, sample_id) in self.coords
 
 
 def _load(meta: dict, notes: List[str], device: str):
@@ -66,9 +83,12 @@ def _load(meta: dict, notes: List[str], device: str):
     return model, tok
 
 
-def recompute(meta: dict, layers: Sequence[LayerRef], texts: Dict[str, str], device: str = "cpu") -> SentenceCoords:
+def recompute(meta: dict, layers: Sequence[LayerRef], texts: Dict[str, str], device: str = "cpu",
+              keep_probs: Optional[Dict[int, Sequence[int]]] = None) -> SentenceCoords:
     """Coordinates a, b (signs aligned to the recorded modes) of ``layers`` for each sentence
-    (id → text), each run alone. Never raises for a model that cannot be rebuilt (a note)."""
+    (id → text), each run alone. ``keep_probs``: layer → heads whose actual attention
+    probabilities (the adapter's, as for images) are kept in ``probs``. Never raises for a model
+    that cannot be rebuilt (a note)."""
     import torch
 
     from ..adapters.discover import find_attention
@@ -76,16 +96,18 @@ def recompute(meta: dict, layers: Sequence[LayerRef], texts: Dict[str, str], dev
     from ..capture.coordinates import capture_qk, coordinates_from_qk
     from ..text import encode
 
-    res = SentenceCoords()
+    res = SentenceCoords(layers={ref.index: ref for ref in layers})
     loaded = _load(meta, res.notes, device) if texts else None
     if loaded is None:
         return res
     model, tok = loaded
+    res.loaded = True
     sites = {s.name: s for s in find_attention(model)}
     chosen = []
     for ref in layers:
         site = sites.get(ref.name)
         if site is None:
+            res.bad_layers[ref.index] = f"the rebuilt model has no attention layer {ref.name}"
             res.notes.append(f"The rebuilt model has no attention layer {ref.name}.")
             continue
         lb = layer_bases(site, model, fold_ln=ref.fold_ln, spectra=False)
@@ -95,19 +117,23 @@ def recompute(meta: dict, layers: Sequence[LayerRef], texts: Dict[str, str], dev
         chosen.append((ref, site, lb, sign))
     for sid, text in texts.items():
         enc = encode(tok, [text], device)
-        seen: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        seen: Dict[int, tuple] = {}
 
         def on_qk(i, q, k, info, seen=seen):
-            seen.setdefault(i, (q, k))
+            seen.setdefault(i, (q, k, info))
 
         with capture_qk([c[1] for c in chosen], on_qk), torch.no_grad():
             model(**enc)
+        res.texts[sid] = text
         res.tokens[sid] = tok.convert_ids_to_tokens(enc["input_ids"][0].tolist())
         for ci, (ref, _site, lb, sign) in enumerate(chosen):
             if ci in seen:
-                a, b = coordinates_from_qk(*seen[ci], lb)
+                q, k, info = seen[ci]
+                a, b = coordinates_from_qk(q, k, lb)
                 s = torch.as_tensor(sign, dtype=a.dtype).unsqueeze(-2)  # (H, 1, R)
                 res.coords[(ref.index, sid)] = ((a[0] * s).cpu().numpy(), (b[0] * s).cpu().numpy())
+                res.scales[ref.index] = float(lb.scale)
+                _keep_probs(res, ref.index, (keep_probs or {}).get(ref.index, ()), [sid], q, k, info, lb.scale)
     return res
 
 
@@ -208,7 +234,6 @@ def text_section(ctx, r, ri: int, choices, n_modes: int, topk: int, maps: bool, 
     if not choices:
         head.append('<p class="note">The file holds no top-k samples, so there are no optimal sentences.</p>')
         return "\n".join(head), data, []
-    field_name = r.meta.get(TEXT_FIELD) or None
     plan, texts = [], {}
     for c in choices:
         l = r.layers[c.layer]
@@ -222,7 +247,7 @@ def text_section(ctx, r, ri: int, choices, n_modes: int, topk: int, maps: bool, 
                     if 0 <= idx < len(r.ids) and np.isfinite(score):
                         items.append((r.ids[idx], score))
                         if r.ids[idx] not in texts:
-                            texts[r.ids[idx]] = resolve_sentence(r.ids[idx], r.meta.get(TEXT_ROOT), field_name)
+                            texts[r.ids[idx]] = run_sentence(r, r.ids[idx])
                 rows.append((m, sign, items))
         plan.append((c, l, rows))
     data["missing_sentences"] = sorted(s for s, t in texts.items() if t is None)

@@ -162,17 +162,17 @@
     this.selectItem(this.state.item);
   };
   Viewer.prototype.renderTops = function () {
-    var self = this, h = this.head(), mi = this.state.mode;
+    var self = this, h = this.head(), mi = this.state.mode, noun = this.data.noun || "images";
     this.tops.innerHTML = "";
     [0, 1].forEach(function (sign) {
       var row = el("div", "qkv-toprow");
       row.dataset.sign = sign;
-      row.appendChild(el("span", null, sign === 0 ? "top images, sign + (max a·max b)" :
-                                                    "top images, sign − (min a·min b)"));
+      row.appendChild(el("span", null, sign === 0 ? "top " + noun + ", sign + (max a·max b)" :
+                                                    "top " + noun + ", sign − (min a·min b)"));
       h.top[mi][sign].forEach(function (k, r) {
         var item = self.data.items[k], b = el("button", "qkv-thumb");
         b.type = "button"; b.dataset.item = k; b.title = item.id + (item.label ? " [" + item.label + "]" : "");
-        if (item.kind === "seq") b.appendChild(el("span", "qkv-snip", item.tokens.join(" ")));
+        if (item.kind === "seq") b.appendChild(el("span", "qkv-snip", item.text || item.tokens.join(" ")));
         else b.appendChild(picture(el("span", "qkv-thumbimg"), item));
         b.appendChild(el("span", null, fmt(h.scores[mi][sign][r])));
         b.addEventListener("click", function () { self.selectItem(k); });

@@ -26,6 +26,12 @@ heads beyond ``max_bytes`` (default 12 MiB) are left out and the page says so. M
 random-init ViT-S/16 on the 15 scikit-image photos, five heads, 12 distinct images: 2.7 MB of
 viewer data, the whole page 2.8 MB, loaded in Chromium in 0.6 s; a hover repaints in ~10 ms.
 
+Text runs (``qkprobe run --text``): the items are sentences (``seq``), their tokens the
+tokenizer's own strings (``[CLS]`` the prefix token, ``##`` word pieces as they are), each
+sentence recomputed alone (unpadded) by :func:`qkprobe.report.text.recompute`, with the adapter's
+attention probabilities as for images. Measured: MiniLM over the 40 sentences of
+examples/sentences.txt, one head, 6 distinct sentences of ≤ 13 tokens: 16 KB of viewer data.
+
 Notebooks: ``qkprobe.report.viewer.show("run.h5")`` displays the viewer (it rebuilds the model),
 ``qkprobe.open_run("run.h5")`` a summary table.
 """
@@ -125,10 +131,12 @@ def grid_item(sample_id: str, img: np.ndarray, grid: Tuple[int, int], prefix: in
             "src": image_uri(img), "gh": int(grid[0]), "gw": int(grid[1]), "prefix": int(prefix)}
 
 
-def seq_item(sample_id: str, tokens: Sequence[str], prefix: int = 0, label: Optional[str] = None) -> dict:
-    """A text input: one display string per token (prefix tokens first)."""
+def seq_item(sample_id: str, tokens: Sequence[str], prefix: int = 0, label: Optional[str] = None,
+             text: Optional[str] = None) -> dict:
+    """A text input: one display string per token (prefix tokens first); ``text`` the sentence
+    (its button; default the tokens joined)."""
     return {"kind": "seq", "id": sample_id, "name": sample_id, "label": label,
-            "tokens": [str(t) for t in tokens], "prefix": int(prefix)}
+            "tokens": [str(t) for t in tokens], "prefix": int(prefix), "text": text}
 
 
 def payload_bytes(obj: Any) -> int:
@@ -192,14 +200,16 @@ def build_payload(r, plans: Sequence[HeadPlan], result, limits: ViewerLimits) ->
     items: List[dict] = []
     index: Dict[str, int] = {}
     heads, notes, size = [], [], 0
+    done = {layer for layer, _ in result.coords}
     for plan in plans:
-        if plan.layer in result.bad_layers or plan.layer not in result.grids:
+        if plan.layer in result.bad_layers or plan.layer not in done:
             notes.append(f"L{plan.layer} H{plan.head} is not in the viewer: "
                          f"{result.bad_layers.get(plan.layer, 'its maps could not be recomputed')}.")
             continue
         head, new_items = _head_entry(r, plan, result, index, len(items))
         if not head["tokens"]:
-            notes.append(f"L{plan.layer} H{plan.head} is not in the viewer: none of its top images could be read.")
+            notes.append(f"L{plan.layer} H{plan.head} is not in the viewer: none of its top {result.noun} "
+                         f"could be read.")
             continue
         cost = payload_bytes(head) + sum(payload_bytes(it) for it in new_items)
         if heads and size + cost > limits.max_bytes:
@@ -211,7 +221,7 @@ def build_payload(r, plans: Sequence[HeadPlan], result, limits: ViewerLimits) ->
             items.append(it)
         heads.append(head)
         size += cost
-    payload = {"version": PAYLOAD_VERSION, "items": items, "heads": heads,
+    payload = {"version": PAYLOAD_VERSION, "noun": result.noun, "items": items, "heads": heads,
                "limits": {"modes": limits.modes, "images": limits.images, "max_bytes": limits.max_bytes},
                "bytes": size}
     return payload, notes
@@ -219,7 +229,6 @@ def build_payload(r, plans: Sequence[HeadPlan], result, limits: ViewerLimits) ->
 
 def _head_entry(r, plan: HeadPlan, result, index: Dict[str, int], n_items: int) -> Tuple[dict, List[dict]]:
     """One head's JSON and the items it adds to ``index`` (numbered from ``n_items``)."""
-    ref = result.layers[plan.layer]
     cols = [m["mode"] for m in plan.modes]
     local: Dict[str, int] = {}
     new_items: List[dict] = []
@@ -231,8 +240,7 @@ def _head_entry(r, plan: HeadPlan, result, index: Dict[str, int], n_items: int) 
             k = index[sid]
         else:
             k = n_items + len(new_items)
-            new_items.append(grid_item(sid, result.images[sid], result.grids[plan.layer], ref.prefix_tokens,
-                                       r.class_of(sid)))
+            new_items.append(_item(r, result, plan.layer, sid))
         local[sid] = k
         a, b = result.coords[(plan.layer, sid)]                     # (H, N, R), (H, Nk, R)
         tokens[str(k)] = token_data(a[plan.head][:, cols], b[plan.head][:, cols],
@@ -245,18 +253,23 @@ def _head_entry(r, plan: HeadPlan, result, index: Dict[str, int], n_items: int) 
     return head, new_items
 
 
+def _item(r, result, layer: int, sid: str) -> dict:
+    """The payload item of one input: an image's patch grid, or a sentence's tokens."""
+    prefix = max(int(result.layers[layer].prefix_tokens), 0)
+    if sid in getattr(result, "tokens", {}):          # a SentenceCoords (qkprobe/report/text.py)
+        return seq_item(sid, result.tokens[sid], prefix, r.class_of(sid), text=result.texts.get(sid))
+    return grid_item(sid, result.images[sid], result.grids[layer], prefix, r.class_of(sid))
+
+
 def recompute_for(r, plans: Sequence[HeadPlan], *, image_root: Optional[str] = None, device: str = "cpu",
                   progress: bool = True):
-    """Rebuild the run's model once and capture coordinates and attention of the plans' images."""
+    """Rebuild the run's model once and capture coordinates and attention of the plans' inputs:
+    images (:func:`qkprobe.report.maps.recompute`), or for a text run sentences, each alone
+    (:func:`qkprobe.report.text.recompute`)."""
     from .build import image_root_of, resolve_image
     from .maps import LayerRef, recompute
-    root = image_root_of(r, image_root)
-    paths = {}
-    for plan in plans:
-        for sid in _head_ids(plan):
-            path = resolve_image(sid, root)
-            if path is not None:
-                paths[sid] = path
+    from .text import is_text_run, run_sentence
+    from .text import recompute as recompute_sentences
     refs, keep = {}, {}
     for plan in plans:
         l = r.layers[plan.layer]
@@ -264,8 +277,16 @@ def recompute_for(r, plans: Sequence[HeadPlan], *, image_root: Optional[str] = N
                                  prefix_tokens=l.prefix_tokens,
                                  include_prefix=bool(r.options.get("include_prefix", False)))
         keep.setdefault(l.index, []).append(plan.head)
-    return recompute(r.meta, [refs[i] for i in sorted(refs)], paths, device=device, progress=progress,
-                     keep_probs=keep)
+    layers = [refs[i] for i in sorted(refs)]
+    ids = [sid for plan in plans for sid in _head_ids(plan)]
+    if is_text_run(r):
+        texts = {sid: run_sentence(r, sid) for sid in dict.fromkeys(ids)}
+        return recompute_sentences(r.meta, layers, {s: t for s, t in texts.items() if t is not None}, device,
+                                   keep_probs=keep)
+    root = image_root_of(r, image_root)
+    paths = {sid: resolve_image(sid, root) for sid in dict.fromkeys(ids)}
+    return recompute(r.meta, layers, {s: p for s, p in paths.items() if p is not None}, device=device,
+                     progress=progress, keep_probs=keep)
 
 
 # --------------------------------------------------------------------------- HTML
@@ -290,7 +311,7 @@ def viewer_page(payload: dict, title: str = "qkprobe viewer") -> str:
 
 
 INTRO = ('<p class="note">Choose a head and one of its modes (ranked by {ranked}; at most {modes} per head), '
-         'then one of the mode\'s top images of either sign (at most {images} each). Hover a patch: left, the '
+         'then one of the mode\'s top {noun} of either sign (at most {images} each). Hover a {unit}: left, the '
          'query coordinate a_i of every token (red positive, blue negative); middle, the mode\'s contribution '
          's_r·a_i·b_j to the logits of the hovered query i over all keys j; right, the head\'s actual '
          'attention row P_ij (the model\'s probabilities, everything it adds to the logits included). '
@@ -317,7 +338,8 @@ def viewer_section(r, ri: int, choices: Sequence, *, maps: bool = True, image_ro
     if not payload["heads"]:
         return "\n".join(parts), {"heads": [], "bytes": 0, "notes": notes}
     ranked = sorted({h["ranked_by"] for h in payload["heads"]})
-    parts.append(INTRO.format(ranked=" / ".join(ranked), modes=limits.modes, images=limits.images))
+    parts.append(INTRO.format(ranked=" / ".join(ranked), modes=limits.modes, images=limits.images,
+                              noun=result.noun, unit="token" if result.noun == "sentences" else "patch"))
     parts.append(viewer_block(payload, f"run{ri}-qkv"))
     summary = {"heads": [[h["layer"], h["head"]] for h in payload["heads"]], "bytes": payload["bytes"],
                "items": len(payload["items"]), "notes": notes}
@@ -384,9 +406,10 @@ def screenshot(page, out, *, viewer: str = ".qkv", token: Optional[int] = None, 
                width: int = 1280) -> str:
     """PNG of the first viewer on a report page with the mouse on a query token (default: the
     token the viewer opened with, the largest |a_i| of its first mode and image); ``image``: show
-    the first top image whose id contains this text::
+    the first top image (or sentence) whose id contains this text::
 
         python -m qkprobe.report.viewer report/index.html docs/viewer.png --image astronaut --token 49
+        python -m qkprobe.report.viewer text_report/index.html docs/viewer_text.png --image sentences.txt:5 --token 4
     """
     from .browser import BrowserError, BrowserSession
     with BrowserSession(page, width=width) as session:
@@ -398,7 +421,8 @@ def screenshot(page, out, *, viewer: str = ".qkv", token: Optional[int] = None, 
                                      f".find(b => b.title.includes({json.dumps(image)})); if (b) b.click(); "
                                      f"return !!b; }})()")
             if not thumb:
-                raise BrowserError(f"No top image of the viewer's first mode has {image!r} in its name.")
+                raise BrowserError(f"No top image or sentence of the viewer's first mode has {image!r} in its "
+                                   f"name; pass part of one of its ids to --image.")
         if token is None:
             token = int(session.evaluate(f"document.querySelector({json.dumps(viewer)}).dataset.query"))
         session.hover(f'{viewer} [data-panel="query"] .qkv-tok[data-token="{int(token)}"]')
@@ -415,7 +439,8 @@ if __name__ == "__main__":   # pragma: no cover - the command behind docs/viewer
                                      description="screenshot the interactive viewer of a report page")
     parser.add_argument("page")
     parser.add_argument("out")
-    parser.add_argument("--token", type=int, default=None, help="query token to hover (0 = cls)")
-    parser.add_argument("--image", default=None, help="show the top image whose id contains this text")
+    parser.add_argument("--token", type=int, default=None, help="query token to hover (0 = cls / [CLS])")
+    parser.add_argument("--image", default=None,
+                        help="show the top image (or sentence) whose id contains this text, e.g. sentences.txt:5")
     args = parser.parse_args()
     print(screenshot(args.page, args.out, token=args.token, image=args.image))
