@@ -193,3 +193,13 @@ def test_run_text_refuses_what_does_not_apply(tmp_path, capsys):
     assert main(["run", "timm:test_vit", "--text", str(text), "--random-init", "--out", out]) == 2
     assert "has no tokenizer" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+def test_images_given_to_a_text_model_point_to_text(minilm, tmp_path, capsys):
+    path, _ = minilm
+    listing = tmp_path / "sents.txt"
+    listing.write_text("The cat sat.\n")
+    assert main(["run", f"hf:{path}", "--list", str(listing), "--out", str(tmp_path / "r.h5")]) == 2
+    err = capsys.readouterr().err
+    assert "pass its sentences with --text FILE" in err and "Traceback" not in err
+    assert not (tmp_path / "r.h5").exists()

@@ -274,7 +274,8 @@ def _run(args, group: Optional[_Group]) -> int:
     model, transform, meta = load_from_args(args, device=args.device)
     transform = transform_from_args(transform, args, meta)
     if transform is None or not callable(transform) or hasattr(transform, "tokenize"):
-        raise RunFileError(f"{args.spec} has no image preprocessing; qkprobe run needs a vision model.")
+        raise RunFileError(f"{args.spec} has no image preprocessing, so it cannot run on images; for a text model "
+                           f"pass its sentences with --text FILE (one a line).")
     options = ProbeOptions(top_samples=args.topk, topk=args.topk_mean, per_sample=not args.no_per_sample,
                            include_prefix=args.include_prefix, store_dtype=args.store_dtype,
                            stats=_stats_option(args.stats), backend=args.backend,
