@@ -126,7 +126,8 @@ class TopKSamples:
         if native.topk_update(stats, pos, neg, sample_index, self.scores, self.index):
             return  # in place, on the CPU
         dev = self.scores.device
-        batch = stats[..., [pos, neg]].to(dev, torch.float32)  # (B, H, R, 2)
+        # two slices, not stats[..., [pos, neg]]: a list index is copied to the device, and that waits on it
+        batch = torch.stack((stats[..., pos], stats[..., neg]), dim=-1).to(dev, torch.float32)  # (B, H, R, 2)
         batch = batch.movedim(0, -1)  # (H, R, 2, B)
         idx = sample_index.expand(*shape, 2, B)
         self.scores, self.index = _select_topk(torch.cat((self.scores, batch), dim=-1),
