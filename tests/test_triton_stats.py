@@ -138,6 +138,35 @@ def test_share_from_given_probabilities_and_biases():
 
 
 @interpreted
+@pytest.mark.parametrize("share", ["logits", "probs"])
+def test_token_mask_gives_each_padded_sample_its_statistics_alone(share):
+    """Samples of 40, 23, 3 and 1 real tokens padded (NaN) to 40 and batched: each gets what it
+    gets alone, unpadded (top-k clipped to its own 2 map tokens for the 3-token one); the one with
+    only its cls token has no map tokens: NaN map statistics."""
+    lengths, N, P, K, scale = (40, 23, 3, 1), 40, 1, 4, 0.25
+    q, k, cq, ck, S = layer(len(lengths), 2, N, 16, 16, seed=11)
+    q, k = q.contiguous(), k.contiguous()
+    mask = torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]  # (B, N)
+    g = torch.Generator().manual_seed(12)
+    alone_probs = [torch.softmax(torch.randn(1, 2, n, n, generator=g) * 3, -1) for n in lengths]
+    probs = torch.zeros(len(lengths), 2, N, N)
+    for i, (n, pr) in enumerate(zip(lengths, alone_probs)):
+        probs[i, :, :n, :n] = pr[0]
+    q[~mask[:, None, :, None].expand_as(q)] = float("nan")  # padding must not leak anywhere
+    k[~mask[:, None, :, None].expand_as(k)] = float("nan")
+    kw = {"probs": probs} if share == "probs" else {}
+    got = triton_stats.mode_statistics_qk(q, k, cq, ck, S, scale, prefix_tokens=P, topk=K, token_mask=mask, **kw)
+    for i, n in enumerate(lengths[:3]):
+        kw = {"probs": alone_probs[i]} if share == "probs" else {}
+        alone = triton_stats.mode_statistics_qk(q[i:i + 1, :, :n], k[i:i + 1, :, :n], cq, ck, S, scale,
+                                                prefix_tokens=P, topk=K, **kw)
+        compare(got[i], alone[0], rtol=1e-5, atol=1e-5)
+    assert torch.isnan(got[3, ..., :10]).all() and torch.isfinite(got[:3]).all()
+    with pytest.raises(ShapeError, match="token_mask"):
+        triton_stats.mode_statistics_qk(q, k[:, :, :30], cq, ck, S, scale, token_mask=mask)
+
+
+@interpreted
 def test_bad_shapes_say_what_is_wrong():
     q, k, cq, ck, S = layer(1, 2, 20, 16, 16)
     with pytest.raises(ShapeError, match="coord_q"):
