@@ -96,6 +96,19 @@ def test_kernels_match_the_torch_path(B, H, N, D, R, P, K, dtype):
 
 
 @interpreted
+def test_fewer_queries_than_keys_keep_the_longer_top_k_list():
+    """Cross-attention shapes: 4 map queries, 19 map keys, k = 8: the key side's list must hold 8
+    (a list sized for the shorter side averaged 4 keys over 8)."""
+    q, _, cq, ck, S = layer(1, 2, 5, 16, 16, seed=21)
+    _, k, _, _, _ = layer(1, 2, 20, 16, 16, seed=22)
+    got = triton_stats.mode_statistics_qk(q, k, cq, ck, S, 0.25, prefix_tokens=1, topk=8)
+    ref = reference(q, k, cq, ck, S, 0.25, prefix_tokens=1, topk=8)
+    compare(got[..., MAP], ref[..., MAP])
+    c = STAT_INDEX["attn_contrib"]
+    compare(got[..., c], ref[..., c], rtol=1e-4, atol=1e-5 * float(ref[..., c].abs().max()))
+
+
+@interpreted
 def test_ties_and_nonfinite_tokens_as_the_torch_path():
     """Quantized coordinates (many ties); an inf or NaN entry of a token makes its coordinates NaN
     (inf · 0 in the map), which voids the five statistics of that side, the other side intact."""

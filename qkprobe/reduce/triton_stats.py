@@ -2,20 +2,24 @@
 
 :func:`mode_statistics_qk` returns what :func:`qkprobe.core.stats.mode_statistics` returns for
 ``a = q @ coord_q``, ``b = k @ coord_k`` (per head), in the column layout of
-:data:`qkprobe.core.stats.STAT_NAMES`, without forming a or b in memory:
+:data:`qkprobe.core.stats.STAT_NAMES`:
 
-- the map kernel (one program per sample, head and block of modes) reads the q and k tokens once
-  (bf16 / fp16 / fp32, accumulated in fp32), applies the head's coordinate maps in the kernel and
-  keeps, per mode, sum, max, min and two register-resident running top-k lists (k largest and k
-  smallest, ≤ 64), merged block by block by k extractions (no sort); prefix tokens are skipped;
-  a NaN coordinate voids the five statistics of its side, as the torch path does;
-- the share kernel (one program per sample, head and block of query tokens) forms P·b by a
-  flash-style online softmax over key blocks (P = softmax(scale · q kᵀ + bias), never stored;
-  or from the module's own probabilities when given) and writes per-block partial sums of
+- the map kernel (one program per sample, head and block of 16 modes) reads the q and k tokens
+  in their dtype and projects them on tensor cores with fp32 accumulate (bf16 / fp16: the fp32
+  map split into parts of the input dtype, summed, ≈ fp32 exact; fp32: tf32x3), keeping, per
+  mode, sum, max, min and two register-resident running top-k lists (k largest and k smallest,
+  ≤ 64), merged block by block by k extractions (no sort); prefix and masked tokens are skipped;
+  a NaN coordinate voids the five statistics of its side, as the torch path does. With the share
+  on it also writes a and b (fp32) for the share kernel;
+- the share kernel (one program per sample, head and block of query tokens) forms P·b from those
+  a, b by a flash-style online softmax over key blocks (P = softmax(scale · q kᵀ + bias), never
+  stored; or from the module's own probabilities when given) and writes per-block partial sums of
   Σ_i a_ir ((P b)_ir − mean_j b_jr); the (B, H, R) finish (scale · S / N, share) is torch.
 
-The torch path stays the reference and the fallback; tests compare both, on CPU tensors under
-Triton's interpreter (``TRITON_INTERPRET=1``, set before this module is imported).
+:func:`plan` makes the launches (block sizes from :func:`block_config`), which is also what
+:mod:`qkprobe.reduce.triton_aot` compiles for real targets in the tests. The torch path stays the
+reference and the fallback; tests compare both, on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``, set before this module is imported).
 """
 
 from __future__ import annotations
@@ -432,7 +436,7 @@ def plan(q: Tensor, k: Tensor, coord_q: Tensor, coord_k: Tensor, S: Tensor, scal
     if p < 0 or p >= N or p >= NK:
         raise ShapeError(f"prefix_tokens={prefix_tokens} leaves no map tokens out of N={N}, "
                          f"Nk={NK}; lower it or pass include_prefix=True.")
-    kmax = min(topk, N - p, NK - p)
+    kmax = max(min(topk, N - p), min(topk, NK - p))  # the longer of the two sides' top-k lists
     if kmax > KMAX:
         raise ShapeError(f"reduce/triton: topk={topk} is more than the {KMAX} the Triton kernel keeps; use the "
                          f"torch backend or a smaller topk.")
