@@ -96,6 +96,19 @@ def test_kernels_match_the_torch_path(B, H, N, D, R, P, K, dtype):
 
 
 @interpreted
+@pytest.mark.parametrize("capability, B, H, N, D, R, P, K, dtype", [
+    pytest.param(80, 2, 1, 197, 64, 64, 1, 5, torch.bfloat16, id="sm80-vit_b16-bf16"),
+    pytest.param(90, 1, 2, 51, 80, 80, 1, 7, torch.bfloat16, id="sm90-r80-bf16"),  # a partial 32-dim chunk
+    pytest.param(90, 1, 1, 51, 80, 80, 5, 9, torch.float32, id="sm90-r80-fp32"),
+])
+def test_gpu_block_configurations_match_the_torch_path(monkeypatch, capability, B, H, N, D, R, P, K, dtype):
+    """The interpreter runs large blocks by default (quick); here the blocks a GPU would run."""
+    monkeypatch.setattr(triton_stats, "INTERPRETER_CAPABILITY", capability)
+    assert triton_stats.block_config(D, R, dtype, capability).map_n == 16
+    test_kernels_match_the_torch_path(B, H, N, D, R, P, K, dtype)
+
+
+@interpreted
 def test_fewer_queries_than_keys_keep_the_longer_top_k_list():
     """Cross-attention shapes: 4 map queries, 19 map keys, k = 8: the key side's list must hold 8
     (a list sized for the shorter side averaged 4 keys over 8)."""
@@ -152,10 +165,11 @@ def test_share_from_given_probabilities_and_biases():
 
 @interpreted
 @pytest.mark.parametrize("share", ["logits", "probs"])
-def test_token_mask_gives_each_padded_sample_its_statistics_alone(share):
+def test_token_mask_gives_each_padded_sample_its_statistics_alone(monkeypatch, share):
     """Samples of 40, 23, 3 and 1 real tokens padded (NaN) to 40 and batched: each gets what it
     gets alone, unpadded (top-k clipped to its own 2 map tokens for the 3-token one); the one with
-    only its cls token has no map tokens: NaN map statistics."""
+    only its cls token has no map tokens: NaN map statistics. sm_90 blocks: 16-token tiles."""
+    monkeypatch.setattr(triton_stats, "INTERPRETER_CAPABILITY", 90)
     lengths, N, P, K, scale = (40, 23, 3, 1), 40, 1, 4, 0.25
     q, k, cq, ck, S = layer(len(lengths), 2, N, 16, 16, seed=11)
     q, k = q.contiguous(), k.contiguous()

@@ -314,14 +314,22 @@ class Blocks:
     map_maxnreg: int = 255  # ptxas would stop at 168 and spill the top-k merge
 
 
+#: the block configuration CPU tensors (Triton's interpreter) run: 0 = large blocks, quick to
+#: interpret; tests set a GPU's capability (80, 90) to interpret exactly what that GPU would run
+INTERPRETER_CAPABILITY = 0
+
+
 def block_config(D: int, R: int, dtype: torch.dtype = torch.bfloat16, capability: int = 90) -> Blocks:
     """The one home of the block sizes: map tiles of 16 tokens × 16 modes, projected 32 dims at a
     time (16 for fp32, whose tf32x3 operands take three times the registers), keep the tile and both
     top-k lists in registers (no spills); the share keeps a (64, R) accumulator on sm_90 (wgmma's
     64 rows), (32, R) before sm_90 and for fp32 inputs above R = 64; 8 warps and 16-key blocks above
-    R = 64.
-    ``capability``: the device's compute capability, 10 · major + minor."""
+    R = 64. ``capability``: the device's compute capability, 10 · major + minor; 0: the
+    interpreter's large blocks (whole heads, 64 tokens: ~6× fewer interpreted steps)."""
     BD, BR = _pow2(D), _pow2(R)
+    if capability == 0:
+        n = 64 if BR <= 64 else 32
+        return Blocks(map_n=n, map_r=BR, map_dc=BD, map_warps=4, share_m=n, share_n=n, share_warps=4, d=BD, r=BR)
     wide = dtype == torch.float32
     return Blocks(map_n=16, map_r=16, map_dc=16 if wide else 32, map_warps=4,
                   share_m=64 if capability >= 90 and not (wide and BR > 64) else 32, share_n=32 if BR <= 64 else 16,
@@ -423,7 +431,7 @@ def plan(q: Tensor, k: Tensor, coord_q: Tensor, coord_k: Tensor, S: Tensor, scal
          attn_bias: Optional[Tensor] = None, attention: bool = True, out: Optional[Tensor] = None,
          precision: str = "tf32x3", token_mask: Optional[Tensor] = None, capability: Optional[int] = None) -> Plan:
     """The launches :func:`mode_statistics_qk` makes (tensors may be on the ``meta`` device;
-    ``capability``: the target's, by default q's device's, 90 off CUDA)."""
+    ``capability``: the target's, by default q's device's; INTERPRETER_CAPABILITY off CUDA)."""
     B, H, N, NK, D, R = _check(q, k, coord_q, coord_k, S)
     if compute_dtype(q, k) == torch.float64:
         raise ShapeError("reduce/triton: float64 q/k are not supported by the Triton kernels; use the torch "
@@ -455,8 +463,11 @@ def plan(q: Tensor, k: Tensor, coord_q: Tensor, coord_k: Tensor, S: Tensor, scal
     ck, _ = split_maps(coord_k, q.dtype, q.device, precision)
     half = q.dtype != torch.float32
     if capability is None:
-        major, minor = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else (9, 0)
-        capability = 10 * major + minor
+        if q.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(q.device)
+            capability = 10 * major + minor
+        else:
+            capability = INTERPRETER_CAPABILITY
     blk = block_config(D, R, q.dtype, capability)
     counts = _counts(token_mask, B, N, NK, p, q.device)
     mask = token_mask.to(q.device, torch.int8) if token_mask is not None else counts
