@@ -401,8 +401,11 @@ def split_maps(coord: Tensor, dtype: torch.dtype, device, precision: str) -> Tup
 
 def _counts(mask: Optional[Tensor], B: int, N: int, NK: int, p: int, device) -> Tensor:
     """(B, 4) int32: map tokens of q and of k (valid, past the prefix), valid keys, valid queries."""
-    if mask is None:
-        return torch.tensor([N - p, NK - p, NK, N], dtype=torch.int32, device=device).expand(B, 4).contiguous()
+    if mask is None:  # filled on the device: a host tensor copied in would wait for the stream
+        counts = torch.empty((B, 4), dtype=torch.int32, device=device)
+        for j, n in enumerate((N - p, NK - p, NK, N)):
+            counts[:, j] = n
+        return counts
     m = mask.to(torch.int32)
     mapped = m[:, p:].sum(1)
     full = m.sum(1)
