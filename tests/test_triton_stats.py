@@ -96,6 +96,32 @@ def test_kernels_match_the_torch_path(B, H, N, D, R, P, K, dtype):
 
 
 @interpreted
+@pytest.mark.parametrize("capability, B, H, N, D, R, P, K, dtype", [
+    pytest.param(80, 2, 1, 197, 64, 64, 1, 5, torch.bfloat16, id="sm80-vit_b16-bf16"),
+    pytest.param(90, 1, 2, 51, 80, 80, 1, 7, torch.bfloat16, id="sm90-r80-bf16"),  # a partial 32-dim chunk
+    pytest.param(90, 1, 1, 51, 80, 80, 5, 9, torch.float32, id="sm90-r80-fp32"),
+])
+def test_gpu_block_configurations_match_the_torch_path(monkeypatch, capability, B, H, N, D, R, P, K, dtype):
+    """The interpreter runs large blocks by default (quick); here the blocks a GPU would run."""
+    monkeypatch.setattr(triton_stats, "INTERPRETER_CAPABILITY", capability)
+    assert triton_stats.block_config(D, R, dtype, capability).map_n == 16
+    test_kernels_match_the_torch_path(B, H, N, D, R, P, K, dtype)
+
+
+@interpreted
+def test_fewer_queries_than_keys_keep_the_longer_top_k_list():
+    """Cross-attention shapes: 4 map queries, 19 map keys, k = 8: the key side's list must hold 8
+    (a list sized for the shorter side averaged 4 keys over 8)."""
+    q, _, cq, ck, S = layer(1, 2, 5, 16, 16, seed=21)
+    _, k, _, _, _ = layer(1, 2, 20, 16, 16, seed=22)
+    got = triton_stats.mode_statistics_qk(q, k, cq, ck, S, 0.25, prefix_tokens=1, topk=8)
+    ref = reference(q, k, cq, ck, S, 0.25, prefix_tokens=1, topk=8)
+    compare(got[..., MAP], ref[..., MAP])
+    c = STAT_INDEX["attn_contrib"]
+    compare(got[..., c], ref[..., c], rtol=1e-4, atol=1e-5 * float(ref[..., c].abs().max()))
+
+
+@interpreted
 def test_ties_and_nonfinite_tokens_as_the_torch_path():
     """Quantized coordinates (many ties); an inf or NaN entry of a token makes its coordinates NaN
     (inf · 0 in the map), which voids the five statistics of that side, the other side intact."""
@@ -135,6 +161,36 @@ def test_share_from_given_probabilities_and_biases():
     # the bias must matter, or the test above could not fail
     plain = triton_stats.mode_statistics_qk(q, k, cq, ck, S, scale, prefix_tokens=1)
     assert not torch.allclose(plain[..., c], got[..., c], rtol=1e-2)
+
+
+@interpreted
+@pytest.mark.parametrize("share", ["logits", "probs"])
+def test_token_mask_gives_each_padded_sample_its_statistics_alone(monkeypatch, share):
+    """Samples of 40, 23, 3 and 1 real tokens padded (NaN) to 40 and batched: each gets what it
+    gets alone, unpadded (top-k clipped to its own 2 map tokens for the 3-token one); the one with
+    only its cls token has no map tokens: NaN map statistics. sm_90 blocks: 16-token tiles."""
+    monkeypatch.setattr(triton_stats, "INTERPRETER_CAPABILITY", 90)
+    lengths, N, P, K, scale = (40, 23, 3, 1), 40, 1, 4, 0.25
+    q, k, cq, ck, S = layer(len(lengths), 2, N, 16, 16, seed=11)
+    q, k = q.contiguous(), k.contiguous()
+    mask = torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]  # (B, N)
+    g = torch.Generator().manual_seed(12)
+    alone_probs = [torch.softmax(torch.randn(1, 2, n, n, generator=g) * 3, -1) for n in lengths]
+    probs = torch.zeros(len(lengths), 2, N, N)
+    for i, (n, pr) in enumerate(zip(lengths, alone_probs)):
+        probs[i, :, :n, :n] = pr[0]
+    q[~mask[:, None, :, None].expand_as(q)] = float("nan")  # padding must not leak anywhere
+    k[~mask[:, None, :, None].expand_as(k)] = float("nan")
+    kw = {"probs": probs} if share == "probs" else {}
+    got = triton_stats.mode_statistics_qk(q, k, cq, ck, S, scale, prefix_tokens=P, topk=K, token_mask=mask, **kw)
+    for i, n in enumerate(lengths[:3]):
+        kw = {"probs": alone_probs[i]} if share == "probs" else {}
+        alone = triton_stats.mode_statistics_qk(q[i:i + 1, :, :n], k[i:i + 1, :, :n], cq, ck, S, scale,
+                                                prefix_tokens=P, topk=K, **kw)
+        compare(got[i], alone[0], rtol=1e-5, atol=1e-5)
+    assert torch.isnan(got[3, ..., :10]).all() and torch.isfinite(got[:3]).all()
+    with pytest.raises(ShapeError, match="token_mask"):
+        triton_stats.mode_statistics_qk(q, k[:, :, :30], cq, ck, S, scale, token_mask=mask)
 
 
 @interpreted
