@@ -194,6 +194,19 @@ def test_token_mask_gives_each_padded_sample_its_statistics_alone(monkeypatch, s
 
 
 @interpreted
+def test_split_maps_are_made_once_per_map_until_it_changes():
+    from qkprobe.reduce import triton_stats as ts
+    coord = torch.randn(2, 16, 8)
+    parts, factor = ts.split_maps(coord, torch.bfloat16, "cpu", "tf32x3")
+    assert ts.split_maps(coord, torch.bfloat16, "cpu", "tf32x3")[0] is parts        # cached
+    assert torch.allclose(sum(p.float() * factor ** i for i, p in enumerate(parts)), coord, rtol=0, atol=1e-6)
+    assert ts.split_maps(coord, torch.float16, "cpu", "tf32x3")[0].dtype == torch.float16   # per dtype
+    coord.mul_(2)                                                                    # changed in place
+    again, _ = ts.split_maps(coord, torch.bfloat16, "cpu", "tf32x3")
+    assert again is not parts and torch.allclose(sum(p.float() * factor ** i for i, p in enumerate(again)), coord,
+                                                 rtol=0, atol=1e-6)
+
+
 def test_bad_shapes_say_what_is_wrong():
     q, k, cq, ck, S = layer(1, 2, 20, 16, 16)
     with pytest.raises(ShapeError, match="coord_q"):

@@ -156,10 +156,9 @@ class TritonReducer:
         q, k = event.q, event.k
         coord_q, coord_k, S, _ = maps.float_maps(q.device)
         probs, bias = self.share(event, lb.scale) if o.attention else (None, None)
-        padding = {} if event.token_mask is None else {"token_mask": event.token_mask}
         return mode_statistics_qk(q, k, coord_q, coord_k, S, lb.scale, prefix_tokens=lb.prefix_tokens or 0,
                                   include_prefix=o.include_prefix, topk=o.topk, probs=probs, attn_bias=bias,
-                                  attention=o.attention, out=out, **padding)
+                                  attention=o.attention, out=out, token_mask=event.token_mask)
 
     @staticmethod
     def share(event: QKEvent, scale: float) -> Tuple[Optional[Tensor], Optional[Tensor]]:

@@ -24,6 +24,7 @@ reference and the fallback; tests compare both, on CPU tensors under Triton's in
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -382,10 +383,29 @@ def _check(q: Tensor, k: Tensor, coord_q: Tensor, coord_k: Tensor, S: Tensor):
     return q.shape[0], H, q.shape[2], k.shape[2], D, R
 
 
+_SPLIT_CACHE: Dict[tuple, tuple] = {}  # (id, dtype, device, precision) → (weakref, version, parts, factor)
+
+
 def split_maps(coord: Tensor, dtype: torch.dtype, device, precision: str) -> Tuple[Tensor, float]:
     """(SPLIT, H, D, R) map parts for inputs of ``dtype`` and the Horner factor: fp32 inputs, the
     fp32 map; half inputs, parts of that dtype whose scaled sum is the fp32 map to ~fp32 precision
-    (one part, a rounded map, with precision "tf32")."""
+    (one part, a rounded map, with precision "tf32").
+
+    Cached per map tensor (the reducer's maps live as long as their bases) until the tensor is
+    changed in place or freed: the split is a dozen small device ops, per layer and batch otherwise."""
+    key = (id(coord), dtype, str(device), precision)
+    hit = _SPLIT_CACHE.get(key)
+    if hit is not None and hit[0]() is coord and hit[1] == coord._version:
+        return hit[2], hit[3]
+    parts, factor = _split(coord, dtype, device, precision)
+    if len(_SPLIT_CACHE) > 1024:  # drop the maps of freed bases
+        for k in [k for k, v in _SPLIT_CACHE.items() if v[0]() is None]:
+            del _SPLIT_CACHE[k]
+    _SPLIT_CACHE[key] = (weakref.ref(coord), coord._version, parts, factor)
+    return parts, factor
+
+
+def _split(coord: Tensor, dtype: torch.dtype, device, precision: str) -> Tuple[Tensor, float]:
     c = coord.detach().to(device, torch.float32)
     if dtype not in _SPLIT:
         return c.unsqueeze(0), 1.0
