@@ -346,7 +346,7 @@ class RunWriter:
             shape = (spec.num_heads, spec.num_modes, len(self.stat_names))
             # The head axis is declared unlimited too (it never grows): with two unlimited axes HDF5
             # indexes the chunks with a version 2 B-tree of small nodes (2 KiB), where one unlimited
-            # axis gets an extensible array whose data blocks outgrow a page (7.7 KB at 1,800 chunks)
+            # axis gets an extensible array whose data blocks outgrow a page (7.7 KB from ~8,000 chunks)
             # and are rewritten in place by every commit (see FILE_SPACE_PAGE).
             stats = group.create_dataset(
                 schema.STATS, shape=(0, *shape), maxshape=(None, None, *shape[1:]), dtype=self.store_dtype,
