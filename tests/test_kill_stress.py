@@ -1,21 +1,26 @@
 """The crash promise under many kill -9 at uniformly random moments of a run's whole life.
 
-A fork server (this file run as a script) loads torch, a tiny ViT and qkprobe once, records one
-uninterrupted reference run and measures its lifetime (fork to exit: file creation, batches,
-snapshots, commits, close). Then, KILLS times, it forks a child that records the same run into a
-new file through the probe (``qkprobe.attach``: the writer path of ``qkprobe run``), SIGKILLs it
-after a delay drawn uniformly over that lifetime, and
+Two fork servers (this file run as a script; one per core of a CI machine) each load torch, a
+tiny ViT and qkprobe once, record uninterrupted runs (the reference, and the median lifetime of
+a child from fork to exit: file creation, batches, snapshots, commits, close). Then, for their
+share of KILLS, they fork a child that records the same run into a new file through the probe
+(``qkprobe.attach``: the writer path of ``qkprobe run``), SIGKILL it after a delay drawn
+uniformly over that lifetime, and
 
-1. opens the file (``open_run``); when that asks for ``qkprobe recover``, runs ``recover`` and
-   opens it again; anything else is a broken promise;
-2. resumes it to completion in another forked child (``attach(..., resume=True)``);
-3. compares the result with the reference: exactly the same sample ids, no duplicates, top-k
-   (scores and sample indices), counts, minima, maxima and non-finite counters equal, means and
-   M2 equal up to float64 rounding.
+1. open the file (``open_run``; when that asks for ``qkprobe recover``, ``recover`` and open it
+   again; anything else is a broken promise) and check its committed rows: whole batches, ids
+   and statistics equal to the reference's first rows;
+2. resume it to completion in another forked child (``attach(..., resume=True)``, which
+   recovers a file its writer left open first); of the kills before the file existed, every
+   fourth is resumed too (a plain run over a killed creation's leftovers);
+3. compare the result with the reference: the same ids in the same order (no duplicates), the
+   same rows, top-k (scores and sample indices), counts, minima, maxima and non-finite counters
+   equal, means and M2 equal up to float64 rounding.
 
-It prints one line per kill, ``kill REP OUTCOME ROWS PROBLEM``: OUTCOME is ``opens``,
-``recovered``, ``absent`` (killed before the file got its name) or ``broken``; PROBLEM is ``-``
-or what went wrong. ``QKPROBE_STRESS_KILLS`` sets the number of kills (default 200).
+They print one line per kill, ``kill REP OUTCOME ROWS PROBLEM``: OUTCOME is ``opens``,
+``recovered``, ``absent`` (killed before the file got its name) or ``broken``; ROWS the committed
+rows; PROBLEM ``-`` or what went wrong. ``QKPROBE_STRESS_KILLS`` sets the number of kills
+(default 200).
 
     python tests/test_kill_stress.py FOLDER KILLS SEED
 """
