@@ -68,8 +68,8 @@ def test_kill_9_at_uniformly_random_moments_then_recover_and_resume(tmp_path):
     print(f"{KILLS} kills: {dict(outcomes)}")
     assert not broken, "\n".join(" ".join(k) for k in broken[:10])
     rows = Counter(int(k[2]) for k in kills if k[1] != "absent")
-    # the kills landed all over the run: before the file existed, at the start, mid-way, at the end
-    assert outcomes["absent"] >= 1 and rows[0] >= 1 and rows[BATCHES * 2] >= 1 and len(rows) >= BATCHES // 2
+    # the kills landed all over the run: before the file existed, mid-way, at or after the close
+    assert outcomes["absent"] >= 1 and rows[BATCHES * 2] >= 1 and len(rows) >= BATCHES // 2
 
 
 def test_no_metadata_block_a_commit_rewrites_straddles_a_page(tmp_path):
