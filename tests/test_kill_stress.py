@@ -65,9 +65,9 @@ def test_kill_9_at_uniformly_random_moments_then_recover_and_resume(tmp_path):
     assert len(kills) == KILLS
     broken = [k for k in kills if k[1] == "broken" or k[3] != "-"]
     outcomes = Counter(k[1] for k in kills)
-    print(f"{KILLS} kills: {dict(outcomes)}")
-    assert not broken, "\n".join(" ".join(k) for k in broken[:10])
     rows = Counter(int(k[2]) for k in kills if k[1] != "absent")
+    print(f"{KILLS} kills: {dict(outcomes)}; committed rows of the files: {dict(sorted(rows.items()))}")
+    assert not broken, "\n".join(" ".join(k) for k in broken[:10])
     # the kills landed all over the run: before the file existed, mid-way, at or after the close
     assert outcomes["absent"] >= 1 and rows[BATCHES * 2] >= 1 and len(rows) >= BATCHES // 2
 
