@@ -48,6 +48,12 @@ STORE_DTYPES = ("float32", "float16")
 MIN_FREE_BYTES = 64 << 20   # default disk space kept free (see RunWriter's min_free_bytes)
 ROW_CHUNK = 4096          # chunk length of the small per-row datasets (steps, string ends)
 BYTES_CHUNK = 1 << 16     # chunk length of the utf8 bytes of string columns
+#: HDF5 file space is handed out in pages of this size ("paged aggregation"), so no metadata block
+#: smaller than a page straddles a page boundary. A commit rewrites the headers of the growing
+#: datasets in place, and a process killed inside such a ``pwrite`` keeps the part the kernel
+#: copied so far, whole memory pages only: a straddling header could be left half new, half old,
+#: with a bad checksum (issue 17: ``layers/01/sample``'s 268-byte header across 450,560).
+FILE_SPACE_PAGE = 4096
 
 
 @dataclass
@@ -259,7 +265,8 @@ class RunWriter:
         self._check_room()
         f = None
         try:
-            f = h5py.File(tmp, "w", libver=schema.LIBVER, **self._cache_options())
+            f = h5py.File(tmp, "w", libver=schema.LIBVER, fs_strategy="page", fs_page_size=FILE_SPACE_PAGE,
+                          fs_persist=False, **self._cache_options())
             self._write_layout(f, metadata)
             self._mark_writer(f)
             f.flush()
@@ -337,8 +344,12 @@ class RunWriter:
         group.create_dataset(schema.MODE_INDEX, data=np.arange(spec.num_modes, dtype=np.int32))
         if self.per_sample:
             shape = (spec.num_heads, spec.num_modes, len(self.stat_names))
+            # The head axis is declared unlimited too (it never grows): with two unlimited axes HDF5
+            # indexes the chunks with a version 2 B-tree of small nodes (2 KiB), where one unlimited
+            # axis gets an extensible array whose data blocks outgrow a page (7.7 KB from ~8,000 chunks)
+            # and are rewritten in place by every commit (see FILE_SPACE_PAGE).
             stats = group.create_dataset(
-                schema.STATS, shape=(0, *shape), maxshape=(None, *shape), dtype=self.store_dtype,
+                schema.STATS, shape=(0, *shape), maxshape=(None, None, *shape[1:]), dtype=self.store_dtype,
                 chunks=(self.chunk_rows, 1, *shape[1:]), **_compression_options(self.compression))
             for axis, label in enumerate(schema.STATS_DIMS):
                 stats.dims[axis].label = label
