@@ -203,3 +203,12 @@ def test_images_given_to_a_text_model_point_to_text(minilm, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "pass its sentences with --text FILE" in err and "Traceback" not in err
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_text_run_makes_a_missing_output_folder_as_image_runs_do(minilm, tmp_path):
+    path, _ = minilm
+    text = tmp_path / "one.txt"
+    text.write_text("The cat sat.\n")
+    out = tmp_path / "new" / "deeper" / "r.h5"
+    assert main(["run", f"hf:{path}", "--text", str(text), "--out", str(out), "--no-progress"]) == 0
+    assert out.is_file()

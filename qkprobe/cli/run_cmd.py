@@ -178,6 +178,14 @@ def _metadata(path: str) -> dict:
     return read_metadata(path)
 
 
+def probe_options(args):
+    """The probe's ``ProbeOptions`` from ``qkprobe run``'s arguments (images and --text alike)."""
+    from ..capture.probe import ProbeOptions
+    return ProbeOptions(top_samples=args.topk, topk=args.topk_mean, per_sample=not args.no_per_sample,
+                        include_prefix=args.include_prefix, store_dtype=args.store_dtype,
+                        stats=_stats_option(args.stats), backend=args.backend, snapshot_every_s=args.snapshot_every)
+
+
 def _check_out_distributed(args, group: _Group) -> None:
     from ..distributed import shard_paths
     shards = shard_paths(args.out)
@@ -262,7 +270,7 @@ def _run(args, group: Optional[_Group]) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..capture.probe import ProbeOptions, attach
+    from ..capture.probe import attach
     from ..data import make_loader
     from ..distributed import split
     from ..metadata import versions
@@ -276,10 +284,7 @@ def _run(args, group: Optional[_Group]) -> int:
     if transform is None or not callable(transform) or hasattr(transform, "tokenize"):
         raise RunFileError(f"{args.spec} has no image preprocessing, so it cannot run on images; for a text model "
                            f"pass its sentences with --text FILE (one a line).")
-    options = ProbeOptions(top_samples=args.topk, topk=args.topk_mean, per_sample=not args.no_per_sample,
-                           include_prefix=args.include_prefix, store_dtype=args.store_dtype,
-                           stats=_stats_option(args.stats), backend=args.backend,
-                           snapshot_every_s=args.snapshot_every)
+    options = probe_options(args)
     meta["versions"] = versions()
     done = set()
     total, rows_before = len(paths), 0

@@ -30,24 +30,22 @@ def run_text(args) -> int:
 
     from ..adapters.discover import find_attention
     from ..bases import layer_bases
-    from ..capture.probe import ProbeOptions, attach
+    from ..capture.probe import attach
     from ..metadata import versions
     from ..text import TEXT_FIELD, TEXT_ROOT, batches, encode, is_tokenizer, read_sentences, sentence_ids, \
         tokenizer_prefix_tokens
-    from .common import load_from_args
-    from .run_cmd import _check_out, _check_resumable, _stats_option
+    from .common import load_from_args, make_out_folder
+    from .run_cmd import _check_out, _check_resumable, probe_options
 
     check_text_options(args)
     _check_out(args)
     sentences = read_sentences(args.text, args.text_field)
+    make_out_folder(args.out)
     model, tokenizer, meta = load_from_args(args, device=args.device)
     if not is_tokenizer(tokenizer):
         raise RunFileError(f"{args.spec} has no tokenizer; qkprobe run --text needs a text model whose folder "
                            f"holds its tokenizer files.")
-    options = ProbeOptions(top_samples=args.topk, topk=args.topk_mean, per_sample=not args.no_per_sample,
-                           include_prefix=args.include_prefix, store_dtype=args.store_dtype,
-                           stats=_stats_option(args.stats), backend=args.backend,
-                           snapshot_every_s=args.snapshot_every)
+    options = probe_options(args)
     meta["versions"] = versions()
     meta[TEXT_FIELD] = args.text_field or ""
     done: set = set()
