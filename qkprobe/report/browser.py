@@ -194,88 +194,16 @@ def check_page(page, screenshot: Optional[str] = None, *, width: int = 1280, max
     failed to load), every ``<img>``'s naturalWidth, and writes a PNG screenshot of the whole
     page (or its top ``clip_height`` CSS pixels) when ``screenshot`` is given.
     """
-    binary = chromium or find_chromium()
-    if not binary:
-        raise BrowserError("No Chromium found; install it (Debian: apt-get install chromium) or set "
-                           "QKPROBE_CHROMIUM to the browser binary.")
-    url = str(page)
-    if "://" not in url:
-        url = Path(page).resolve().as_uri()
-    profile = tempfile.mkdtemp(prefix="qkprobe-chromium-")
-    to_r, to_w = os.pipe()
-    from_r, from_w = os.pipe()
-    to_r, to_w, from_r, from_w = (_high_fd(f) for f in (to_r, to_w, from_r, from_w))
-
-    def child_fds():  # runs in the child before exec: its fd 3 reads our commands, fd 4 answers
-        os.dup2(to_r, 3)
-        os.dup2(from_w, 4)
-
-    args = [binary, *FLAGS, f"--window-size={width},900", f"--user-data-dir={profile}",
-            "--remote-debugging-pipe", "about:blank"]
-    log = open(os.path.join(profile, "chromium-stderr.log"), "wb")
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=log, preexec_fn=child_fds, close_fds=False)
-    # close_fds=False keeps the fds 3 and 4 made by child_fds (pass_fds fails when the parent has no
-    # fd 3 or 4 open); Python's own fds are not inheritable (PEP 446), so nothing else leaks.
-    os.close(to_r)
-    os.close(from_w)
-    pipe = _Pipe(proc, to_w, from_r)
-    result = PageCheck(url=url)
-    try:
-        target = pipe.call("Target.createTarget", {"url": "about:blank"}, timeout=timeout)["targetId"]
-        session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Runtime", "Log", "Page"):
-            pipe.call(f"{domain}.enable", session=session)
-        pipe.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": 900, "deviceScaleFactor": 1,
-                                                         "mobile": False}, session=session)
-        pipe.events.clear()
-        pipe.call("Page.navigate", {"url": url}, session=session, timeout=timeout)
-        if not pipe.wait_event("Page.loadEventFired", timeout):
-            raise BrowserError(f"{url} did not finish loading within {timeout:.0f} s.")
-        pipe.drain(settle)
-        value = pipe.call("Runtime.evaluate", {"expression": _IMAGES_JS, "returnByValue": True},
-                          session=session)["result"].get("value", "[]")
-        result.images = json.loads(value)
-        result.title = str(pipe.call("Runtime.evaluate", {"expression": "document.title", "returnByValue": True},
-                                     session=session)["result"].get("value", ""))
-        metrics = pipe.call("Page.getLayoutMetrics", session=session)
-        size = metrics.get("cssContentSize") or metrics.get("contentSize") or {}
-        result.size = {"width": size.get("width", width), "height": size.get("height", 900)}
+    with BrowserSession(page, width=width, timeout=timeout, chromium=chromium) as browser:
+        browser.settle(settle)
+        result = PageCheck(url=browser.url)
+        result.images = json.loads(browser.evaluate(_IMAGES_JS) or "[]")
+        result.title = str(browser.evaluate("document.title") or "")
+        result.size = browser.content_size()
         if screenshot:
-            height = int(min(max_height, clip_height or result.size["height"], result.size["height"]))
-            pipe.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": max(height, 1),
-                                                             "deviceScaleFactor": 1, "mobile": False},
-                      session=session)
-            pipe.drain(0.2)
-            shot = pipe.call("Page.captureScreenshot",
-                             {"format": "png", "captureBeyondViewport": True,
-                              "clip": {"x": 0, "y": 0, "width": width, "height": max(height, 1), "scale": 1}},
-                             session=session, timeout=timeout)
-            Path(screenshot).write_bytes(base64.b64decode(shot["data"]))
-            result.screenshot = str(screenshot)
-        pipe.drain(0.05)
-        result.console_errors = _errors(pipe.events, session)
-        try:
-            pipe.call("Browser.close", timeout=5)
-        except BrowserError:
-            pass
-    except BrowserError as exc:
-        log.flush()
-        tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-3:]
-        raise BrowserError(f"{exc} Chromium said: {' | '.join(tail) or 'nothing'}") from None
-    finally:
-        log.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        for fd in (to_w, from_r):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        shutil.rmtree(profile, ignore_errors=True)
+            browser.resize(int(min(max_height, clip_height or result.size["height"], result.size["height"])))
+            result.screenshot = browser.screenshot(screenshot)
+        result.console_errors = browser.console_errors()
     return result
 
 
@@ -306,6 +234,11 @@ class BrowserSession:
         try:
             self._launch(binary)
             self._open()
+        except BrowserError as exc:
+            self._log.flush()
+            tail = Path(self._log.name).read_text(errors="replace").strip().splitlines()[-3:]
+            self.close()
+            raise BrowserError(f"{exc} Chromium said: {' | '.join(tail) or 'nothing'}") from None
         except BaseException:
             self.close()
             raise
@@ -340,6 +273,22 @@ class BrowserSession:
         if not pipe.wait_event("Page.loadEventFired", self.timeout):
             raise BrowserError(f"{self.url} did not finish loading within {self.timeout:.0f} s.")
         pipe.drain(0.2)
+
+    def settle(self, seconds: float) -> None:
+        """Let the page run for ``seconds`` (timers, late loads), collecting its console events."""
+        self._pipe.drain(seconds)
+
+    def content_size(self) -> Dict[str, float]:
+        """The page's full {width, height} in CSS pixels."""
+        metrics = self._pipe.call("Page.getLayoutMetrics", session=self.session)
+        size = metrics.get("cssContentSize") or metrics.get("contentSize") or {}
+        return {"width": size.get("width", self.width), "height": size.get("height", self.height)}
+
+    def resize(self, height: int) -> None:
+        """Make the viewport ``height`` CSS pixels tall (a screenshot without a selector takes it all)."""
+        self.height = max(1, int(height))
+        self._viewport(self.height)
+        self._pipe.drain(0.2)
 
     def _viewport(self, height: int) -> None:
         self._pipe.call("Emulation.setDeviceMetricsOverride", {"width": self.width, "height": max(1, int(height)),
