@@ -20,18 +20,12 @@ import pytest
 import qkprobe
 from qkprobe.cli.main import main
 from qkprobe.data import skimage_images
-from qkprobe.report.browser import check_page, find_chromium
+from qkprobe.report.browser import check_page
+
+from browser_check import needs_browser, require_browser  # tests/ is on sys.path (tests/conftest.py)
 
 SPEC = "timm:test_vit"  # 6 layers, 2 heads, 160 px, random init: CI-sized
 
-needs_browser = pytest.mark.skipif(os.environ.get("QKPROBE_SKIP_BROWSER") == "1",
-                                   reason="QKPROBE_SKIP_BROWSER=1")
-
-
-def _browser():
-    if not find_chromium():
-        pytest.fail("Chromium is not installed (Debian: apt-get install -y chromium); the report must be checked "
-                    "in a real browser. Set QKPROBE_SKIP_BROWSER=1 to skip knowingly.")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +59,7 @@ def _img_srcs(page: Path):
 
 @needs_browser
 def test_page_loads_in_chromium_with_every_image(report_dir, tmp_path):
-    _browser()
+    require_browser()
     index = report_dir / "index.html"
     html = index.read_text(encoding="utf-8")
     assert not re.search(r'(src|href)="(https?:)?//', html), "the page must not fetch anything from the network"
@@ -88,7 +82,7 @@ def test_page_loads_in_chromium_with_every_image(report_dir, tmp_path):
 
 @needs_browser
 def test_browser_check_can_fail(tmp_path):
-    _browser()
+    require_browser()
     page = tmp_path / "bad.html"
     page.write_text('<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body><img src="gone.png">'
                     '<script>console.error("boom"); nope();</script></body></html>')
@@ -165,7 +159,7 @@ def test_symmetric_energy_fraction_equals_the_file(run_file, report_dir):
 
 @needs_browser
 def test_moved_images_are_listed_and_page_still_renders(run_file, tmp_path, capsys):
-    _browser()
+    require_browser()
     photos = run_file.parent / "photos"
     moved = tmp_path / "moved"
     shutil.move(str(photos), str(moved))

@@ -23,24 +23,17 @@ import torch
 import qkprobe
 from qkprobe.cli.main import main
 from qkprobe.data import skimage_images
-from qkprobe.report.browser import BrowserSession, find_chromium
+from qkprobe.report.browser import BrowserSession
 from qkprobe.report.viewer import (ViewerLimits, pack_int16, pack_probs, seq_item, show, token_data, unpack_int16,
                                    unpack_probs, viewer_page)
 
 sys.path.insert(0, str(Path(__file__).parent))
+from browser_check import needs_browser, require_browser  # noqa: E402
 from peaked import peak_timm, record_timm_probs  # noqa: E402
 
 SPEC = "timm:test_vit"   # 6 layers, 2 heads, 160 px: 10 × 10 patches + cls
 HEADS = "4:1,1:0"
 
-needs_browser = pytest.mark.skipif(os.environ.get("QKPROBE_SKIP_BROWSER") == "1",
-                                   reason="QKPROBE_SKIP_BROWSER=1")
-
-
-def _browser():
-    if not find_chromium():
-        pytest.fail("Chromium is not installed (Debian: apt-get install -y chromium); set QKPROBE_SKIP_BROWSER=1 "
-                    "to skip knowingly.")
 
 
 def _json(page: Path, element_id: str):
@@ -129,7 +122,7 @@ def _choose(page, root, role, value):
 
 @needs_browser
 def test_hovered_values_equal_the_model(run):
-    _browser()
+    require_browser()
     ref = Reference(run)
     root = "#run0-qkv"
     payload = _json(run["page"], "run0-qkv-data")
@@ -198,7 +191,7 @@ def test_hovered_values_equal_the_model(run):
 
 @needs_browser
 def test_a_real_hover_selects_the_patch_under_the_mouse(run, tmp_path):
-    _browser()
+    require_browser()
     root = "#run0-qkv"
     with BrowserSession(run["page"]) as page:
         page.hover(f'{root} [data-panel="query"] .qkv-tok[data-token="42"]')
@@ -268,7 +261,7 @@ def test_run_repr_html_is_a_summary_table(run):
 @needs_browser
 def test_a_token_sequence_renders_and_hovers(tmp_path):
     """Text runs: one string per token instead of a patch grid (synthetic payload, exact numbers)."""
-    _browser()
+    require_browser()
     rng = np.random.default_rng(1)
     tokens = ["[CLS]", "a", "cat", " sat", "on", "<the>", "mat", "[SEP]"]
     N, S, scale = len(tokens), np.array([2.0, 0.5]), 0.5
@@ -308,7 +301,7 @@ def test_a_token_sequence_renders_and_hovers(tmp_path):
 
 @needs_browser
 def test_missing_images_leave_heads_out_and_the_rest_renders(run, tmp_path):
-    _browser()
+    require_browser()
     import shutil
     from qkprobe.report.build import read_run
     from qkprobe.report.viewer import ViewerLimits, plan_head
@@ -407,7 +400,7 @@ class TextReference:
 def test_text_run_hovered_values_equal_the_model(text_run, tmp_path):
     """A text run's viewer: the tokenizer's tokens, and for hovered tokens a_i, s_r·a_i·b_j over
     the keys and P_ij equal the pretrained MiniLM's own numbers for the sentence alone."""
-    _browser()
+    require_browser()
     ref = TextReference(text_run)
     root = "#run0-qkv"
     payload = _json(text_run["page"], "run0-qkv-data")
