@@ -311,3 +311,27 @@ def test_page_folds_spectra_and_records_scales_and_verdicts(report_dir):
                                    and min(r2["query"], r2["key"]) >= 0.5)
     assert any(e["map_scale"]["query"] > 0 for e in entries)
     assert ("Positional modes:" in html) == any(e["positional"] for e in entries)
+
+
+def test_rebuild_model_keeps_one_model_per_recipe(tmp_path, monkeypatch):
+    """The optimal images (or sentences) and the viewer share one rebuilt model; another recipe or
+    a rewritten weights file is built again."""
+    import torch
+
+    import qkprobe.models as models
+    from qkprobe.report import maps
+
+    calls = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
+    monkeypatch.setattr(maps, "_REBUILT", [])
+    meta = {"model_spec": SPEC, "random_init": True, "seed": 0}
+    first = maps.rebuild_model(meta)
+    assert maps.rebuild_model(dict(meta)) is first and len(calls) == 1
+    assert maps.rebuild_model(dict(meta, seed=1)) is not first and len(calls) == 2
+    weights = tmp_path / "w.pt"
+    torch.save(first[0].state_dict(), weights)
+    with_file = maps.rebuild_model(dict(meta, weights_file=str(weights)))
+    assert maps.rebuild_model(dict(meta, weights_file=str(weights))) is with_file and len(calls) == 3
+    os.utime(weights, ns=(0, 0))            # rewritten (another mtime): built again
+    assert maps.rebuild_model(dict(meta, weights_file=str(weights))) is not with_file and len(calls) == 4

@@ -14,6 +14,8 @@ recomputed and returned next to the recorded one.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
@@ -138,6 +140,31 @@ def _keep_probs(res: MapResult, layer: int, heads: Sequence[int], ids: Sequence[
             res.probs[(layer, int(h), sid)] = p[j]
 
 
+_REBUILT: list = []  # [recipe, (model, transform)]: the last model rebuilt from a run file
+
+
+def rebuild_model(meta: dict, device: str = "cpu"):
+    """(model, transform) of the model a run file's metadata records (spec, weights file, random
+    init and seed), built without running code the spec names; raises what the library raises.
+    The last one is kept for the next call with the same recipe (weights file unchanged), so a
+    report's sections share one model (read only: hooks come and go, weights never change)."""
+    from ..models import load_model, untrusted_spec
+    weights = meta.get("weights_file") or None
+    try:
+        stamp = os.stat(weights).st_mtime_ns if weights else None
+    except OSError:
+        stamp = None  # load_model says what is wrong with it
+    recipe = (str(meta.get("model_spec")), weights, stamp, bool(meta.get("random_init")), int(meta.get("seed") or 0),
+              str(device))
+    if _REBUILT and _REBUILT[0] == recipe:
+        return _REBUILT[1]
+    _REBUILT.clear()
+    with untrusted_spec():   # the spec comes from the file: never run code it names
+        built = load_model(recipe[0], weights=weights, pretrained=not recipe[3], seed=recipe[4], device=device)
+    _REBUILT.extend([recipe, built])
+    return built
+
+
 def recompute(meta: dict, layers: Sequence[LayerRef], paths: Dict[str, str], *, device: str = "cpu",
               batch_size: int = 8, progress: bool = True,
               keep_probs: Optional[Dict[int, Sequence[int]]] = None) -> MapResult:
@@ -151,7 +178,7 @@ def recompute(meta: dict, layers: Sequence[LayerRef], paths: Dict[str, str], *, 
     from ..bases import layer_bases
     from ..capture.coordinates import capture_qk, coordinates_from_qk
     from ..data import ImageDataset
-    from ..models import load_model, untrusted_spec, weights_hash
+    from ..models import weights_hash
 
     res = MapResult(recorded_hash=str(meta.get("weights_hash") or ""))
     res.layers = {l.index: l for l in layers}
@@ -159,11 +186,8 @@ def recompute(meta: dict, layers: Sequence[LayerRef], paths: Dict[str, str], *, 
     if not spec:
         res.notes.append("The run file records no model spec, so the query/key maps cannot be recomputed.")
         return res
-    weights = meta.get("weights_file") or None
     try:
-        with untrusted_spec():   # the spec comes from the file: never run code it names
-            model, transform = load_model(str(spec), weights=weights, pretrained=not bool(meta.get("random_init")),
-                                          seed=int(meta.get("seed") or 0), device=device)
+        model, transform = rebuild_model(meta, device)
     except Exception as exc:  # noqa: BLE001 - whatever a file's spec makes a library raise is a note
         msg = " ".join(str(exc).split()) or type(exc).__name__
         res.notes.append(f"The model {spec} could not be rebuilt, so no query/key maps are shown ({msg}).")

@@ -58,17 +58,15 @@ class SentenceCoords:
 
 def _load(meta: dict, notes: List[str], device: str):
     """(model, tokenizer) rebuilt from the run's metadata, or None with a note why not."""
-    from ..models import load_model, untrusted_spec, weights_hash
+    from ..models import weights_hash
     from ..text import is_tokenizer
+    from .maps import rebuild_model
     spec = meta.get("model_spec")
     if not spec:
         notes.append("The run file records no model spec, so the query and key tokens cannot be recomputed.")
         return None
     try:
-        with untrusted_spec():   # the spec comes from the file: never run code it names
-            model, tok = load_model(str(spec), weights=meta.get("weights_file") or None,
-                                    pretrained=not bool(meta.get("random_init")), seed=int(meta.get("seed") or 0),
-                                    device=device)
+        model, tok = rebuild_model(meta, device)
     except Exception as exc:  # noqa: BLE001 - whatever a file's spec makes a library raise is a note
         notes.append(f"The model {spec} could not be rebuilt, so no query and key tokens are shown "
                      f"({' '.join(str(exc).split()) or type(exc).__name__}).")
