@@ -116,7 +116,9 @@ def test_run_text_end_to_end_resume_and_report(minilm, tmp_path, monkeypatch, ca
     capsys.readouterr()
     assert main(["run", f"hf:{path}", "--text", "../sents.txt", "--out", str(out), "--resume", "--batch-size", "2",
                  *common]) == 0
-    assert "3 new sentences, 2 already" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "3 new sentences, 2 already" in printed
+    assert "wrote 3 sentences" in printed and "2 were there already" in printed, printed   # this run's, not the file's
     assert main(["run", f"hf:{path}", "--text", str(text), "--out", str(out), "--resume", *common]) == 0
     assert "0 new sentences, 5 already" in capsys.readouterr().out
     with qkprobe.open_run(str(out)) as run:

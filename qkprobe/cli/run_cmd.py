@@ -178,6 +178,13 @@ def _metadata(path: str) -> dict:
     return read_metadata(path)
 
 
+def wrote_line(written: int, noun: str, unit: str, out: str, before: Optional[int], rate: float) -> str:
+    """The closing line of a run: what this invocation wrote (not the file's total), and with a
+    resume how many were there already."""
+    already = f"; {before} were there already" if before is not None else ""
+    return f"wrote {written} {noun} to {out}{already} ({rate:.1f} {unit}/s)"
+
+
 def probe_options(args):
     """The probe's ``ProbeOptions`` from ``qkprobe run``'s arguments (images and --text alike)."""
     from ..capture.probe import ProbeOptions
@@ -345,8 +352,8 @@ def _run(args, group: Optional[_Group]) -> int:
         print(f"warning: {count} non-finite mode coordinates (NaN/Inf activations) in {name}; "
               f"counted in the file, the run went on", file=sys.stderr)
     if group is None:
-        before = f"; {rows_before} were there already" if args.resume else ""
-        print(f"wrote {written} images to {args.out}{before} ({seen / (time.perf_counter() - t0):.1f} img/s)")
+        print(wrote_line(written, "images", "img", args.out, rows_before if args.resume else None,
+                         seen / (time.perf_counter() - t0)))
     elif group.rank == 0:
         from ..sinks.run_file import open_run
         with open_run(args.out) as merged:

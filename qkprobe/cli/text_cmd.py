@@ -35,7 +35,7 @@ def run_text(args) -> int:
     from ..text import TEXT_FIELD, TEXT_ROOT, batches, encode, is_tokenizer, read_sentences, sentence_ids, \
         tokenizer_prefix_tokens
     from .common import load_from_args, make_out_folder
-    from .run_cmd import _check_out, _check_resumable, probe_options
+    from .run_cmd import _check_out, _check_resumable, probe_options, wrote_line
 
     check_text_options(args)
     _check_out(args)
@@ -55,6 +55,7 @@ def run_text(args) -> int:
         from ..sinks.run_file import open_run
         with open_run(args.out) as run:
             done = set(run.ids) | {s for s, _ in run.skipped}
+            rows_before = len(run.ids)
             recorded = run.metadata.get(TEXT_ROOT) or None
     meta[TEXT_ROOT], ids = sentence_ids(args.text, sentences, recorded)
     if done and not done.intersection(ids):
@@ -83,5 +84,6 @@ def run_text(args) -> int:
     for name, count in probe.nonfinite().items():
         print(f"warning: {count} non-finite mode coordinates (NaN/Inf activations) in {name}; "
               f"counted in the file, the run went on", file=sys.stderr)
-    print(f"wrote {probe.samples} sentences to {args.out} ({seen / (time.perf_counter() - t0):.1f} sent/s)")
+    print(wrote_line(seen, "sentences", "sent", args.out, rows_before if args.resume else None,
+                     seen / (time.perf_counter() - t0)))
     return 0
