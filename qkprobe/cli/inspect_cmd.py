@@ -117,10 +117,7 @@ def run_summary(path: str) -> str:
         meta = run.metadata
         out = [f"{path}: {len(run)} committed samples, {len(run.layer_names)} layers, "
                f"statistics: {', '.join(run.stat_names)}"]
-        out += [f"  {key}: {meta[key]}" for key in ("model_spec", "weights_hash", "qkprobe_version", "created")
-                if key in meta]
-        if "options" in meta:
-            out.append(f"  options: {json.dumps(meta['options'], sort_keys=True)}")
+        out += _meta_lines(meta)
         out += [f"  layer {i:2d} {name}" for i, name in enumerate(run.layer_names)]
         if run.skipped:
             out.append(f"  skipped inputs: {len(run.skipped)} (first: {run.skipped[0][0]}: {run.skipped[0][1]})")
