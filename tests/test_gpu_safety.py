@@ -228,3 +228,19 @@ def test_auto_falls_back_when_the_c_kernels_fail_at_call(monkeypatch):
     with pytest.warns(RuntimeWarning, match="'native' failed.*rejected its arguments"):
         torch.testing.assert_close(reducer(event, maps), reference, equal_nan=True)
     assert reducer.name == "torch"
+
+
+def test_the_reducer_and_the_kernels_share_one_rule_for_what_they_take():
+    """65 tokens, 1 prefix token, topk=65: the kernels keep 64-token lists, so they take it; with the
+    prefix in the maps they do not. The reducer's check before launch is the launcher's own rule."""
+    from qkprobe.reduce import triton_stats
+    q = torch.empty(2, 3, 65, 16, device="meta")
+    maps = torch.empty(3, 16, 8, device="meta")
+    assert triton_stats.unsupported(q, q, 65, prefix_tokens=1) is None
+    triton_stats.plan(q, q, maps, maps, torch.empty(3, 8, device="meta"), 0.25, prefix_tokens=1, topk=65,
+                      attention=False, capability=90)
+    assert "topk=65" in triton_stats.unsupported(q, q, 65, prefix_tokens=0)
+    with pytest.raises(ShapeError, match="topk=65"):
+        triton_stats.plan(q, q, maps, maps, torch.empty(3, 8, device="meta"), 0.25, prefix_tokens=1, topk=65,
+                          include_prefix=True, attention=False, capability=90)
+    assert "float64" in triton_stats.unsupported(q.double(), q, 5)

@@ -130,7 +130,7 @@ class TritonReducer:
         what the kernels do not take (float64, topk past their lists) and where they fail to
         compile or launch (the cause chained)."""
         from . import triton_stats
-        unsupported = self.unsupported(event)
+        unsupported = self.unsupported(event, maps)
         if unsupported:
             raise BackendError(f"reduce: {unsupported}; choose backend 'torch' (or 'auto', which falls back to it).")
         try:
@@ -142,14 +142,11 @@ class TritonReducer:
             raise BackendError(f"reduce: the Triton kernels failed ({type(exc).__name__}: {_first_line(exc)}); "
                                f"choose backend 'torch' (or 'auto', which falls back to it).") from exc
 
-    def unsupported(self, event: QKEvent) -> Optional[str]:
-        """Why the kernels do not take this call, or None."""
-        from .triton_stats import KMAX
-        if torch.float64 in (event.q.dtype, event.k.dtype):
-            return "the Triton kernels do not take float64 q/k"
-        if min(self.options.topk, event.q.shape[-2], event.k.shape[-2]) > KMAX:
-            return f"the Triton kernels do not take topk={self.options.topk} (their lists hold at most {KMAX} tokens)"
-        return None
+    def unsupported(self, event: QKEvent, maps: LayerMaps) -> Optional[str]:
+        """Why the kernels do not take this call, or None (the kernels' own rule)."""
+        from .triton_stats import unsupported
+        prefix = 0 if self.options.include_prefix else (maps.bases.prefix_tokens or 0)
+        return unsupported(event.q, event.k, self.options.topk, prefix)
 
     def _launch(self, mode_statistics_qk, event: QKEvent, maps: LayerMaps, out: Optional[Tensor]) -> Tensor:
         o, lb = self.options, maps.bases
@@ -221,7 +218,7 @@ class FallbackReducer:
         if self.fallback.failed:
             return self.torch(event, maps, out)
         check = getattr(self.fast, "unsupported", None)
-        unsupported = check(event) if check is not None else None
+        unsupported = check(event, maps) if check is not None else None
         if unsupported:
             return self._fall_back(event, maps, out, unsupported)
         try:

@@ -449,6 +449,17 @@ def _share_source(q: Tensor, probs: Optional[Tensor], attn_bias: Optional[Tensor
     return q, False, False
 
 
+def unsupported(q: Tensor, k: Tensor, topk: int, prefix_tokens: int = 0) -> Optional[str]:
+    """Why the kernels do not take these q (…, N, D), k (…, Nk, D) with this top-k and these
+    prefix tokens left out of the maps (None: they do): float64, or a top-k list past KMAX."""
+    if compute_dtype(q, k) == torch.float64:
+        return "the Triton kernels do not take float64 q/k"
+    p = max(0, int(prefix_tokens))
+    if max(min(topk, q.shape[-2] - p), min(topk, k.shape[-2] - p)) > KMAX:
+        return f"the Triton kernels do not take topk={topk} (their top-k lists hold at most {KMAX} tokens)"
+    return None
+
+
 def plan(q: Tensor, k: Tensor, coord_q: Tensor, coord_k: Tensor, S: Tensor, scale: float, *,
          prefix_tokens: int = 0, include_prefix: bool = False, topk: int = 5, probs: Optional[Tensor] = None,
          attn_bias: Optional[Tensor] = None, attention: bool = True, out: Optional[Tensor] = None,
@@ -456,9 +467,6 @@ def plan(q: Tensor, k: Tensor, coord_q: Tensor, coord_k: Tensor, S: Tensor, scal
     """The launches :func:`mode_statistics_qk` makes (tensors may be on the ``meta`` device;
     ``capability``: the target's, by default q's device's; INTERPRETER_CAPABILITY off CUDA)."""
     B, H, N, NK, D, R = _check(q, k, coord_q, coord_k, S)
-    if compute_dtype(q, k) == torch.float64:
-        raise ShapeError("reduce/triton: float64 q/k are not supported by the Triton kernels; use the torch "
-                         "backend for float64.")
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     if topk < 1:
@@ -467,10 +475,10 @@ def plan(q: Tensor, k: Tensor, coord_q: Tensor, coord_k: Tensor, S: Tensor, scal
     if p < 0 or p >= N or p >= NK:
         raise ShapeError(f"prefix_tokens={prefix_tokens} leaves no map tokens out of N={N}, "
                          f"Nk={NK}; lower it or pass include_prefix=True.")
+    why = unsupported(q, k, topk, p)
+    if why:
+        raise ShapeError(f"reduce/triton: {why}; use the torch backend.")
     kmax = max(min(topk, N - p), min(topk, NK - p))  # the longer of the two sides' top-k lists
-    if kmax > KMAX:
-        raise ShapeError(f"reduce/triton: topk={topk} is more than the {KMAX} the Triton kernel keeps; use the "
-                         f"torch backend or a smaller topk.")
     if token_mask is not None and (NK != N or tuple(token_mask.shape) != (B, N)):
         raise ShapeError(f"token_mask must be (B, N) = ({B}, {N}) with as many keys as queries, got "
                          f"{tuple(token_mask.shape)} for N={N}, Nk={NK}; pass no mask for cross-attention.")
