@@ -193,6 +193,9 @@ def looks_like_attention(module: nn.Module) -> bool:
 
 #: The ``info`` key under which an adapter hands the :class:`AttentionTerms` of a call.
 ATTENTION = "attention"
+#: The ``info`` key of the (B, N) token mask (True = real token) an adapter derived from padding
+#: (self-attention only); the reducers leave padded positions out of every statistic.
+TOKEN_MASK = "token_mask"
 
 
 @dataclass

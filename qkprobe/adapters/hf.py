@@ -42,11 +42,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .base import (ATTENTION, ATTN_MASK, QK_NORM, REL_POS_BIAS, ROPE, AttentionAdapter, AttentionTerms, QKWeights,
-                   add_masks, builtin_adapter, first_norm_before, is_norm, no_grad_hook, split_heads)
-
-#: The ``info`` key of the (B, N) token mask (True = real token) an adapter derived from padding.
-TOKEN_MASK = "token_mask"
+from .base import (ATTENTION, ATTN_MASK, QK_NORM, REL_POS_BIAS, ROPE, TOKEN_MASK, AttentionAdapter, AttentionTerms,
+                   QKWeights, add_masks, builtin_adapter, first_norm_before, is_norm, no_grad_hook, split_heads)
 
 _QK_NAMES = (("q_proj", "k_proj"), ("query", "key"))
 _QK_NORM_NAMES = (("q_norm", "k_norm"), ("query_norm", "key_norm"))

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ..adapters.base import ATTENTION, AttentionTerms
 from ..adapters.discover import AttentionSite, find_attention, prefix_tokens
-from ..adapters.hf import TOKEN_MASK
+from ..adapters.base import TOKEN_MASK
 from ..bases import LayerBases, layer_bases
 from ..errors import UsageError
 

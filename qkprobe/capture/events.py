@@ -16,7 +16,7 @@ import torch
 
 from ..adapters.base import AttentionTerms
 from ..adapters.discover import AttentionSite
-from ..adapters.hf import TOKEN_MASK
+from ..adapters.base import TOKEN_MASK
 from .attention import attention_terms
 from .coordinates import capture_qk
 
