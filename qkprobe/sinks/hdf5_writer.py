@@ -713,10 +713,19 @@ class RunWriter:
         if not self.min_free_bytes:
             return
         batch_bytes = sum(rows.nbytes for rows in batch.rows) if batch.rows else 0
-        needed = max(self.min_free_bytes, 4 * batch_bytes)
+        needed = max(self.min_free_bytes, 4 * batch_bytes) + self._page_slack()
         free = self._free_bytes()
         if free < needed:
             raise _OutOfSpace(free, needed)
+
+    def _page_slack(self) -> int:
+        """What paged file space can add to one commit beyond its data: every dataset may start a
+        new raw-data page and a new metadata page (FILE_SPACE_PAGE each)."""
+        if getattr(self, "_slack", None) is None:
+            count = [0]
+            self._file.visititems(lambda _name, obj: count.__setitem__(0, count[0] + isinstance(obj, h5py.Dataset)))
+            self._slack = 2 * FILE_SPACE_PAGE * count[0]
+        return self._slack
 
     def _free_bytes(self) -> int:
         free = shutil.disk_usage(self.path.parent).free
